@@ -1,0 +1,259 @@
+"""Typed, validated configuration: YAML defaults, `--set dotted.key=value` overrides.
+
+Config flows one way: a YAML file sets defaults, command-line overrides replace
+single keys, and the result is validated once (pydantic) and passed down. An
+unknown key or a bad value fails with a message naming the key and what is
+allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are checked."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(Section):
+    """Frozen self-supervised ViT that provides patch features."""
+
+    name: str = Field(
+        "vit_small_patch8_224.dino",
+        description="Any timm ViT name; weights come from timm's hub unless `weights` is set.",
+    )
+    weights: str | None = Field(
+        None,
+        description="Local path or fsspec URI (s3://, gs://, file://) of safetensors or torch "
+        "weights; None loads the hub weights of `name`.",
+    )
+    image_size: int = Field(
+        448, ge=16, le=4096, description="Square input side in pixels, snapped to the patch size."
+    )
+    features: Literal["keys", "tokens"] = Field(
+        "keys",
+        description="Patch features POTNet clusters: last-block attention keys without their "
+        "bias (`keys`), or the final normed patch tokens (`tokens`).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="`auto`: CUDA when available, else CPU."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="`auto`: bf16 autocast on CUDA, fp32 on CPU."
+    )
+
+
+class POTNetConfig(Section):
+    """The POTNet pseudo-labeller (docs/method.md names each step)."""
+
+    backend: Literal["auto", "numpy", "cupy"] = Field(
+        "auto", description="Array backend: `auto` follows the features' device."
+    )
+    seed: Literal["attention", "ncut"] = Field("ncut", description="Step 0: seed classifier.")
+    seed_tau: float = Field(0.2, ge=-1.0, le=1.0, description="ncut: affinity edge threshold.")
+    seed_orientation: Literal["attention", "max_entry"] = Field(
+        "attention",
+        description="ncut: which side is foreground: more CLS attention (`attention`), or the "
+        "side of the largest eigenvector entry (`max_entry`, TokenCut).",
+    )
+    select_tau: float = Field(
+        0.5, gt=0.0, lt=1.0, description="Step 2: a patch joins class c when its CAM S_c > tau."
+    )
+    num_clusters: int = Field(3, ge=1, le=16, description="Step 3: K clusters per class.")
+    clustering: Literal["dual", "kmeans", "spectral"] = Field(
+        "dual", description="Step 3: both clusterings fused (paper), or one alone (ablation)."
+    )
+    fusion: Literal["smooth", "hard"] = Field(
+        "smooth", description="Step 3: gamma-weighted blend (paper) or hard switch at eta_th."
+    )
+    eta_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Hard fusion: switch point.")
+    engine: Literal["native", "sklearn", "cuml"] = Field(
+        "native", description="Clustering engine: batched array code, scikit-learn or cuML."
+    )
+    kmeans_iters: int = Field(20, ge=1, le=500)
+    assign_temperature: float = Field(
+        0.1, gt=0.0, description="Step 3: softmax temperature of the soft cluster assignments."
+    )
+    spectral_knn: int = Field(10, ge=2, le=256, description="Step 3: kNN of the affinity graph.")
+    transport: bool = Field(
+        True, description="Step 4: optimal transport (False: nearest prototype)."
+    )
+    reweight: bool = Field(True, description="Step 5: OT-mass re-weighting of prototype CAMs.")
+    marginal: Literal["class_prior", "softmax"] = Field(
+        "class_prior",
+        description="Step 4: column marginal. `softmax`: over all (c, k) of cos(Z_ck, w_c); "
+        "`class_prior`: each class gets its share of selected patches, split by that softmax.",
+    )
+    marginal_temperature: float = Field(
+        0.1, gt=0.0, description="Step 4: softmax temperature of the prototype marginal."
+    )
+    ot_epsilon: float = Field(0.05, gt=0.0, description="Step 4: entropic regularisation.")
+    ot_max_iters: int = Field(200, ge=1, le=10000)
+    ot_tol: float = Field(1e-5, gt=0.0, description="Step 4: stop when marginal error < tol.")
+    map_temperature: float = Field(
+        0.1, gt=0.0, description="Step 5: temperature t of the prototype maps exp(cos / t)."
+    )
+    refine_steps: int = Field(0, ge=0, le=100, description="Step 6: gradient steps on w_fg.")
+    refine_lr: float = Field(0.1, gt=0.0)
+    max_pixels: int = Field(
+        89_478_485, ge=1, description="Images with more pixels are refused (decompression bombs)."
+    )
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_exists(cls, v: str) -> str:
+        from autosod_ray.potnet.cluster import CLUSTER_ENGINES
+
+        if v not in CLUSTER_ENGINES:
+            raise ValueError(f"unknown engine {v!r}; choose one of {sorted(CLUSTER_ENGINES)}")
+        return v
+
+
+class StorageConfig(Section):
+    """How to reach object stores; credentials come from the standard AWS / GCP chains."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint override (MinIO, moto, on-prem)."
+    )
+    anon: bool = Field(False, description="Anonymous access (public buckets).")
+
+    def options(self, uri: str) -> dict:
+        """fsspec storage options for `uri`."""
+        if not uri.startswith(("s3://", "s3a://")):
+            return {}
+        opts: dict = {"anon": self.anon}
+        if self.endpoint_url:
+            opts["endpoint_url"] = self.endpoint_url
+        return opts
+
+
+class PipelineConfig(Section):
+    """Ray Data stages: batch sizes, pool sizes, resources per stage."""
+
+    read_batch_size: int = Field(32, ge=1, description="Images per read task batch.")
+    decode_batch_size: int = Field(16, ge=1)
+    decode_num_cpus: float = Field(1.0, gt=0)
+    potnet_batch_size: int = Field(8, ge=1, description="Images per backbone + POTNet call.")
+    pool_min: int = Field(1, ge=1, description="POTNet actor pool: fewest actors.")
+    pool_max: int = Field(1, ge=1, description="POTNet actor pool: most actors (autoscaling).")
+    num_gpus: float | Literal["auto"] = Field(
+        "auto",
+        description="GPUs per POTNet actor (fractions allowed); `auto`: 1 if the "
+        "cluster has GPUs now, else 0 (CPU actors). Set it on autoscaling GPU clusters.",
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per POTNet actor.")
+    encode_batch_size: int = Field(16, ge=1)
+    rows_per_file: int = Field(1000, ge=1, le=1_000_000, description="Most rows per Parquet file.")
+
+
+class PseudolabelConfig(Section):
+    """`jobs/pseudolabel.py`: label a dataset into Parquet shards."""
+
+    input: str | None = Field(None, description="Folder / URI of images, or a manifest file.")
+    output: str | None = Field(None, description="Folder / URI for masks/, errors/, run.json.")
+    overwrite: bool = Field(False, description="Replace an output made with another config.")
+    manifest_column: str = Field("uri", description="Manifest column that holds image URIs.")
+    backbone: BackboneConfig = BackboneConfig()
+    potnet: POTNetConfig = POTNetConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    storage: StorageConfig = StorageConfig()
+
+    def labelling_hash(self) -> str:
+        """Hash of what decides the masks (backbone + POTNet), not of resources or paths."""
+        return config_hash({"backbone": self.backbone, "potnet": self.potnet})
+
+
+class QualityConfig(Section):
+    """`benchmarks/quality.py`: POTNet alone over a folder with ground truth."""
+
+    backbone: BackboneConfig = BackboneConfig()
+    potnet: POTNetConfig = POTNetConfig()
+    batch_size: int = Field(8, ge=1, le=4096)
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the key."""
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value parsed as YAML: numbers, booleans, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value, e.g. potnet.num_clusters=3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: empty key")
+    return key, yaml.safe_load(raw) if raw.strip() else None
+
+
+def _format_error(err: ValidationError, schema: type[BaseModel]) -> str:
+    lines = [f"invalid {schema.__name__}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = schema
+            for part in e["loc"][:-1]:
+                field = parent.model_fields.get(str(part))
+                ann = field.annotation if field else None
+                parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+                if parent is None:
+                    break
+            allowed = sorted(parent.model_fields) if parent else []
+            lines.append(f"  {key}: unknown key; allowed keys here: {', '.join(allowed)}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(
+    schema: type[ConfigT], path: str | Path | None = None, overrides: list[str] = ()
+) -> ConfigT:
+    """Read YAML `path` (optional), apply `overrides` ("dotted.key=value"), validate once."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, schema)) from None
+
+
+def config_hash(config: BaseModel | dict[str, BaseModel]) -> str:
+    """Stable short hash of a resolved config, or of several sections (sorted JSON)."""
+    if isinstance(config, BaseModel):
+        tree = config.model_dump(mode="json")
+    else:
+        tree = {name: part.model_dump(mode="json") for name, part in config.items()}
+    blob = json.dumps(tree, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

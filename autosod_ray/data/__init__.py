@@ -1,0 +1,1 @@
+"""Data plumbing: URIs, image decoding, Parquet schema, Ray Data pipelines (no maths)."""

@@ -1,0 +1,86 @@
+"""Finding the inputs: a folder or URI searched recursively, or a manifest file."""
+
+from __future__ import annotations
+
+import io
+import posixpath
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .images import IMAGE_EXTENSIONS
+
+MANIFEST_SUFFIXES = (".parquet", ".csv")
+
+
+class InputError(ValueError):
+    """A bad --input: the message says what is wrong and how to fix it."""
+
+
+def open_fs(uri: str, storage_options: dict):
+    """(filesystem, path inside it) for a local path or fsspec URI."""
+    return fsspec.core.url_to_fs(uri, **storage_options)
+
+
+def full_uri(fs, path: str) -> str:
+    """Path inside `fs` -> a URI any worker can open again."""
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def list_inputs(uri: str, storage_options: dict, manifest_column: str = "uri") -> pa.Table:
+    """Every input image as a row (image_id, source_uri), sorted by image_id.
+
+    A folder is searched recursively for image extensions (any case) and
+    image_id is the path relative to it; a manifest (.parquet / .csv) gives URIs
+    in `manifest_column` and image_id from an `image_id` column or the URI.
+    """
+    try:
+        fs, root = open_fs(uri, storage_options)
+        if not fs.exists(root):
+            raise InputError(f"--input {uri!r} does not exist; give a folder, URI or manifest")
+        if fs.isfile(root):
+            return _read_manifest(fs, root, uri, manifest_column)
+        paths = [p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    except PermissionError as err:
+        raise InputError(
+            f"--input {uri!r}: permission denied ({err}); check the credentials"
+        ) from None
+    if not paths:
+        raise InputError(
+            f"--input {uri!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}, any case)"
+        )
+    root = root.rstrip("/")
+    ids = [posixpath.relpath(p, root) for p in paths]
+    table = pa.table({"image_id": ids, "source_uri": [full_uri(fs, p) for p in paths]})
+    return table.sort_by("image_id")
+
+
+def _read_manifest(fs, path: str, uri: str, column: str) -> pa.Table:
+    if not path.lower().endswith(MANIFEST_SUFFIXES):
+        raise InputError(
+            f"--input {uri!r} is a file but not a manifest; give a folder, or a "
+            f".parquet / .csv manifest with a {column!r} column"
+        )
+    data = fs.cat_file(path)
+    table = (
+        pq.read_table(io.BytesIO(data))
+        if path.lower().endswith(".parquet")
+        else pacsv.read_csv(io.BytesIO(data))
+    )
+    if column not in table.column_names:
+        raise InputError(
+            f"manifest {uri!r} has no {column!r} column (columns: {table.column_names})"
+        )
+    uris = [str(u) for u in table.column(column).to_pylist()]
+    if not uris:
+        raise InputError(f"manifest {uri!r} lists no images")
+    if "image_id" in table.column_names:
+        ids = [str(i) for i in table.column("image_id").to_pylist()]
+    else:
+        ids = [u.split("://", 1)[-1] for u in uris]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"manifest {uri!r} repeats image ids; every image must appear once")
+    return pa.table({"image_id": ids, "source_uri": uris}).sort_by("image_id")

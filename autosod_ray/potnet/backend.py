@@ -1,0 +1,97 @@
+"""Array backends: NumPy on CPU, CuPy on GPU, looked up by name.
+
+Every POTNet step takes arrays and works in the namespace of its input
+(`xp = array_namespace(x)`), so one code path serves both backends. The few
+operations whose best implementation differs (partial eigensolvers, moving data
+from torch) live here, one small function per backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as err:  # pragma: no cover - exercised only without the gpu extra
+        raise ImportError(
+            "the cupy backend needs CuPy: pip install 'autosod-ray[gpu]' (CUDA 12 wheels)"
+        ) from err
+    return cupy
+
+
+def array_namespace(x: Any):
+    """numpy or cupy, whichever module `x` belongs to."""
+    if type(x).__module__.startswith("cupy"):
+        return _cupy()
+    return np
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Host copy of a numpy or cupy array."""
+    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
+
+
+@dataclass(frozen=True)
+class ArrayBackend:
+    """How one backend takes torch tensors in and solves symmetric eigenproblems."""
+
+    name: str
+    from_torch: Callable[[Any], Any]
+    top_eigenvectors: Callable[..., Any]
+
+
+def _numpy_from_torch(t):
+    return t.detach().float().cpu().numpy()
+
+
+def _numpy_top_eigenvectors(m: np.ndarray, k: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """B x n x n symmetric -> B x n x k eigenvectors of the k largest eigenvalues, descending.
+
+    With `mask` (B x n bool) each problem is solved on its masked rows and columns
+    only (zeros elsewhere), which is what makes per-class spectral clustering cheap.
+    """
+    out = np.zeros(m.shape[:-1] + (k,), dtype=m.dtype)
+    for b in range(m.shape[0]):  # LAPACK's partial solver (syevr) is per matrix
+        idx = np.arange(m.shape[-1]) if mask is None else np.flatnonzero(mask[b])
+        sub = m[b][np.ix_(idx, idx)]
+        n, kk = len(idx), min(k, len(idx))
+        _, vecs = scipy.linalg.eigh(sub, subset_by_index=[n - kk, n - 1], check_finite=False)
+        out[b, idx, :kk] = vecs[:, ::-1]
+    return out
+
+
+def _cupy_from_torch(t):
+    cupy = _cupy()
+    return cupy.from_dlpack(t.detach().float().contiguous())  # zero-copy on the same device
+
+
+def _cupy_top_eigenvectors(m, k: int, mask=None):
+    cupy = _cupy()
+    # batched over the leading axis; masked-out rows are zero and only add zero eigenvalues
+    _, vecs = cupy.linalg.eigh(m)
+    return vecs[..., ::-1][..., :k]
+
+
+ARRAY_BACKENDS: dict[str, ArrayBackend] = {
+    "numpy": ArrayBackend("numpy", _numpy_from_torch, _numpy_top_eigenvectors),
+    "cupy": ArrayBackend("cupy", _cupy_from_torch, _cupy_top_eigenvectors),
+}
+
+
+def backend_for(x: Any) -> ArrayBackend:
+    """The backend whose arrays `x` is."""
+    return ARRAY_BACKENDS["cupy" if array_namespace(x) is not np else "numpy"]
+
+
+def resolve_backend(name: str, torch_device: str) -> ArrayBackend:
+    """`auto` follows the torch device the features live on."""
+    if name == "auto":
+        name = "cupy" if torch_device.startswith("cuda") else "numpy"
+    return ARRAY_BACKENDS[name]

@@ -1,0 +1,59 @@
+"""Shared fixtures. Real assets come from ../shared (override with AUTOSOD_SHARED)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autosod_ray.config import BackboneConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DINOV2 = "vit_small_patch14_dinov2.lvd142m"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    path = Path(os.environ.get("AUTOSOD_SHARED", REPO.parent / "shared")).resolve()
+    if not (path / "weights").is_dir() or not (path / "data").is_dir():
+        pytest.fail(f"shared assets not found at {path}; set AUTOSOD_SHARED to the shared folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def weights_path(shared_dir) -> Path:
+    return shared_dir / "weights" / "dinov2_vits14_imgfocus.fp16.safetensors"
+
+
+@pytest.fixture(scope="session")
+def backbone_cfg(weights_path) -> BackboneConfig:
+    """The offline DINOv2 ViT-S/14 at a small input size (fast on 2 CPU cores)."""
+    return BackboneConfig(name=DINOV2, weights=str(weights_path), image_size=224, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def extractor(backbone_cfg):
+    from autosod_ray.backbone import ViTFeatures
+
+    return ViTFeatures(backbone_cfg)
+
+
+@pytest.fixture(scope="session")
+def ecssd(shared_dir) -> Path:
+    return shared_dir / "data" / "ecssd"
+
+
+def blob_features(b=2, h=12, w=12, d=32, noise=0.6, seed=0):
+    """Synthetic unit patch features: a disc of one direction on a background of another."""
+    from autosod_ray.potnet.ops import l2_normalize
+
+    rng = np.random.default_rng(seed)
+    fg_dir, bg_dir = rng.normal(size=d), rng.normal(size=d)
+    yy, xx = np.mgrid[:h, :w]
+    fg = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 3) ** 2).ravel()
+    x = np.where(fg[None, :, None], fg_dir, bg_dir) + noise * rng.normal(size=(b, h * w, d))
+    attn = np.where(fg, 1.0, 0.2)[None].repeat(b, 0)
+    attn = attn / attn.sum(-1, keepdims=True)
+    return l2_normalize(x.astype(np.float32)), attn.astype(np.float32), fg
