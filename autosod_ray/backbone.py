@@ -23,10 +23,10 @@ _WRAPPERS = ("teacher", "student", "model", "state_dict", "module")
 _PREFIXES = ("module.", "backbone.", "encoder.")
 
 
-def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+def read_state_dict(uri: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
     """Weights file at a local path or fsspec URI -> float32 state dict."""
     try:
-        with fsspec.open(uri, "rb") as fh:
+        with fsspec.open(uri, "rb", **(storage_options or {})) as fh:
             blob = fh.read()
     except FileNotFoundError:
         raise FileNotFoundError(
@@ -50,13 +50,13 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_weights(model: torch.nn.Module, uri: str) -> None:
+def load_weights(model: torch.nn.Module, uri: str, storage_options: dict | None = None) -> None:
     """Load a checkpoint into a timm ViT, strictly (every key must match)."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     hint = "; pick the timm model (backbone.name) these weights belong to"
     try:
-        state = checkpoint_filter_fn(read_state_dict(uri), model)
+        state = checkpoint_filter_fn(read_state_dict(uri, storage_options), model)
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
         raise ValueError(
@@ -83,11 +83,13 @@ def _timm_vit(name: str, pretrained: bool) -> torch.nn.Module:
     return model
 
 
-def create_vit(name: str, weights: str | None) -> torch.nn.Module:
+def create_vit(
+    name: str, weights: str | None, storage_options: dict | None = None
+) -> torch.nn.Module:
     """timm ViT by name; hub weights unless `weights` names a local path or URI."""
     model = _timm_vit(name, pretrained=weights is None)
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, storage_options)
     return model.eval().requires_grad_(False)
 
 
@@ -123,10 +125,17 @@ class BackboneOutput:
 class ViTFeatures(torch.nn.Module):
     """timm ViT -> last-block keys (bias removed), tokens and CLS attention, batched."""
 
-    def __init__(self, cfg: BackboneConfig, model: torch.nn.Module | None = None):
+    def __init__(
+        self,
+        cfg: BackboneConfig,
+        model: torch.nn.Module | None = None,
+        storage_options: dict | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
-        self.model = model if model is not None else create_vit(cfg.name, cfg.weights)
+        if model is None:
+            model = create_vit(cfg.name, cfg.weights, storage_options)
+        self.model = model
         self.patch_size = int(self.model.patch_embed.patch_size[0])
         # input side snapped to a multiple of the patch size
         self.image_size = snap_to_patch(cfg.image_size, self.patch_size)

@@ -34,9 +34,15 @@ class PseudoLabeller:
     """Backbone + POTNet for batches of square-resized images."""
 
     def __init__(
-        self, backbone: BackboneConfig, potnet: POTNetConfig, extractor: ViTFeatures | None = None
+        self,
+        backbone: BackboneConfig,
+        potnet: POTNetConfig,
+        extractor: ViTFeatures | None = None,
+        storage_options: dict | None = None,
     ):
-        self.extractor = extractor if extractor is not None else ViTFeatures(backbone)
+        if extractor is None:
+            extractor = ViTFeatures(backbone, storage_options=storage_options)
+        self.extractor = extractor
         self.backend = resolve_backend(potnet.backend, str(self.extractor.device))
         self.potnet = POTNet(potnet)
 

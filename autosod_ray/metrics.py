@@ -1,13 +1,16 @@
 """SOD metrics with PySODMetrics, under the standard protocol, plus IoU of binary masks.
 
-`SODMetrics` accumulates (prediction, ground truth) pairs and reports the
-standard key set: Sm, wF, MAE, maxF, meanF, adpF, maxE, meanE, adpE, IoU, n.
-Soft metrics use the uint8 soft map; IoU uses the binary mask.
+Dataset-level PySODMetrics figures are means over images of per-image values
+(curves included), so `image_metrics` (one image) and `summarize` (any number
+of them, in any order, from any worker) give exactly what one PySODMetrics run
+over the same pairs gives. `SODMetrics` is the sequential accumulator on top.
+Keys: Sm, wF, MAE, maxF, meanF, adpF, maxE, meanE, adpE, IoU, n.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import numpy as np
 import py_sod_metrics as psm
@@ -21,46 +24,66 @@ def iou(binary: np.ndarray, gt: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(binary, gt).sum() / union)
 
 
+def image_metrics(soft: np.ndarray, gt: np.ndarray, binary: np.ndarray | None = None) -> dict:
+    """One pair -> per-image values: scalars and the 256-threshold F and E curves.
+
+    soft: H x W uint8; gt: H x W bool or 0/255; binary: H x W bool (default soft >= 128).
+    """
+    gt_u8 = np.where(gt if gt.dtype == bool else np.asarray(gt) > 127, 255, 0).astype(np.uint8)
+    if soft.shape != gt_u8.shape:
+        raise ValueError(f"prediction {soft.shape} and ground truth {gt_u8.shape} differ in size")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PySODMetrics marks Fmeasure legacy; it is the standard
+        fm = psm.Fmeasure()
+    sm, em, mae, wfm = psm.Smeasure(), psm.Emeasure(), psm.MAE(), psm.WeightedFmeasure()
+    for metric in (fm, sm, em, mae, wfm):
+        metric.step(pred=soft, gt=gt_u8)
+    f, e = fm.get_results()["fm"], em.get_results()["em"]
+    return {
+        "Sm": float(sm.get_results()["sm"]),
+        "wF": float(wfm.get_results()["wfm"]),
+        "MAE": float(mae.get_results()["mae"]),
+        "adpF": float(f["adp"]),
+        "F_curve": np.asarray(f["curve"], dtype=np.float64),
+        "adpE": float(e["adp"]),
+        "E_curve": np.asarray(e["curve"], dtype=np.float64),
+        "IoU": iou(soft >= 128 if binary is None else binary, gt_u8 > 127),
+    }
+
+
+def summarize(rows: Iterable[dict]) -> dict[str, float]:
+    """Per-image values -> the dataset-level standard keys (means over images)."""
+    n, sums = 0, {}
+    for row in rows:
+        n += 1
+        for key in ("Sm", "wF", "MAE", "adpF", "adpE", "IoU", "F_curve", "E_curve"):
+            sums[key] = sums.get(key, 0.0) + row[key]
+    if n == 0:
+        return {**dict.fromkeys(METRIC_KEYS, float("nan")), "n": 0}
+    mean = {k: v / n for k, v in sums.items()}
+    return {
+        "Sm": float(mean["Sm"]),
+        "wF": float(mean["wF"]),
+        "MAE": float(mean["MAE"]),
+        "maxF": float(mean["F_curve"].max()),
+        "meanF": float(mean["F_curve"].mean()),
+        "adpF": float(mean["adpF"]),
+        "maxE": float(mean["E_curve"].max()),
+        "meanE": float(mean["E_curve"].mean()),
+        "adpE": float(mean["adpE"]),
+        "IoU": float(mean["IoU"]),
+        "n": n,
+    }
+
+
 class SODMetrics:
     """Dataset-level SOD metrics; `step` one image at a time, `results` at the end."""
 
     def __init__(self):
-        with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore"
-            )  # PySODMetrics marks Fmeasure as legacy; it is the standard
-            self.fm = psm.Fmeasure()
-        self.sm, self.em, self.mae, self.wfm = (
-            psm.Smeasure(),
-            psm.Emeasure(),
-            psm.MAE(),
-            psm.WeightedFmeasure(),
-        )
-        self.ious: list[float] = []
+        self.rows: list[dict] = []
 
     def step(self, soft: np.ndarray, gt: np.ndarray, binary: np.ndarray | None = None) -> None:
-        """soft: H x W uint8; gt: H x W bool or 0/255; binary: H x W bool (default soft >= 128)."""
-        gt_u8 = np.where(np.asarray(gt) > 127 if gt.dtype != bool else gt, 255, 0).astype(np.uint8)
-        if soft.shape != gt_u8.shape:
-            raise ValueError(
-                f"prediction {soft.shape} and ground truth {gt_u8.shape} differ in size"
-            )
-        for metric in (self.fm, self.sm, self.em, self.mae, self.wfm):
-            metric.step(pred=soft, gt=gt_u8)
-        self.ious.append(iou(soft >= 128 if binary is None else binary, gt_u8 > 127))
+        self.rows.append(image_metrics(soft, gt, binary))
 
     def results(self) -> dict[str, float]:
-        fm, em = self.fm.get_results()["fm"], self.em.get_results()["em"]
-        return {
-            "Sm": float(self.sm.get_results()["sm"]),
-            "wF": float(self.wfm.get_results()["wfm"]),
-            "MAE": float(self.mae.get_results()["mae"]),
-            "maxF": float(fm["curve"].max()),
-            "meanF": float(fm["curve"].mean()),
-            "adpF": float(fm["adp"]),
-            "maxE": float(em["curve"].max()),
-            "meanE": float(em["curve"].mean()),
-            "adpE": float(em["adp"]),
-            "IoU": float(np.mean(self.ious)) if self.ious else float("nan"),
-            "n": len(self.ious),
-        }
+        return summarize(self.rows)

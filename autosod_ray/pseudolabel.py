@@ -76,7 +76,9 @@ class _Labeller:
     def __call__(self):
         from .labeller import PseudoLabeller
 
-        labeller = PseudoLabeller(self.cfg.backbone, self.cfg.potnet)
+        cfg = self.cfg
+        opts = cfg.storage.options(cfg.backbone.weights or "")
+        labeller = PseudoLabeller(cfg.backbone, cfg.potnet, storage_options=opts)
 
         def label(images):
             out = labeller.potnet(labeller.features(images))
@@ -156,6 +158,13 @@ def run_pseudolabel(cfg: PseudolabelConfig) -> dict:
         raise InputError("both --input and --output are required")
     config_hash = cfg.labelling_hash()
     image_size, patch = vit_geometry(cfg.backbone)  # a bad backbone name fails here, before Ray
+    if cfg.backbone.weights:
+        fs, path = open_fs(cfg.backbone.weights, cfg.storage.options(cfg.backbone.weights))
+        if not fs.exists(path):
+            raise FileNotFoundError(
+                f"backbone.weights: no file at {cfg.backbone.weights!r}; give a local path or "
+                "URI of safetensors or torch weights, or leave it empty for timm's hub weights"
+            )
     check_output(cfg, config_hash)
     inputs, already = pending_inputs(cfg, config_hash)
     total = inputs.num_rows + already

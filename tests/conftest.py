@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,14 @@ from autosod_ray.config import BackboneConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DINOV2 = "vit_small_patch14_dinov2.lvd142m"
+
+# Ray on one test machine: stay on 127.0.0.1, quiet logs, no token auth (tests only)
+RAY_TEST_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_AUTH_MODE": "disabled",
+}
+os.environ.update(RAY_TEST_ENV)
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +66,28 @@ def blob_features(b=2, h=12, w=12, d=32, noise=0.6, seed=0):
     attn = np.where(fg, 1.0, 0.2)[None].repeat(b, 0)
     attn = attn / attn.sum(-1, keepdims=True)
     return l2_normalize(x.astype(np.float32)), attn.astype(np.float32), fg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def s3(monkeypatch):
+    """A real S3 endpoint on 127.0.0.1 (moto server), stopped at the end."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    creds = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for k, v in creds.items():
+        monkeypatch.setenv(k, v)
+    yield {"endpoint": f"http://127.0.0.1:{port}", "env": creds}
+    server.stop()

@@ -81,3 +81,14 @@ def test_bad_weights_and_names_fail_clearly(tmp_path, weights_path):
         create_vit("vit_tiny_patch16_224", str(weights_path))
     with pytest.raises(ValueError, match="not a timm model"):
         create_vit("no_such_vit", str(weights_path))
+
+
+def test_weights_from_s3(s3, weights_path, extractor, images):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3["endpoint"], key="testing", secret="testing")
+    fs.mkdir("weights")
+    fs.put(str(weights_path), "weights/vits14.safetensors")
+    cfg = BackboneConfig(name=DINOV2, weights="s3://weights/vits14.safetensors", image_size=224)
+    remote = ViTFeatures(cfg, storage_options={"endpoint_url": s3["endpoint"]})
+    torch.testing.assert_close(remote(images, ("keys",)).keys, extractor(images, ("keys",)).keys)

@@ -11,7 +11,7 @@ from autosod_ray.config import POTNetConfig
 from autosod_ray.data.images import decode_image, resize_square
 from autosod_ray.labeller import PseudoLabeller
 from autosod_ray.metrics import iou
-from autosod_ray.potnet import POTNet
+from autosod_ray.potnet import PatchFeatures, POTNet
 from tests.conftest import REPO, blob_features
 
 STEMS = ["0001", "0005", "0010", "0020", "0050", "0100", "0200", "0400"]
@@ -39,18 +39,12 @@ def test_masks_on_real_photos_match_ground_truth(backbone_cfg, extractor, photos
 def test_batched_equals_one_at_a_time_and_is_deterministic():
     x, attn, _ = blob_features(b=3, noise=0.8)
     potnet = POTNet(POTNetConfig(refine_steps=2))
-    batched = potnet(type("F", (), {"features": x, "cls_attention": attn, "grid": (12, 12)})())
+    batched = potnet(PatchFeatures(x, attn, (12, 12)))
     for i in range(3):
-        one = potnet(
-            type(
-                "F",
-                (),
-                {"features": x[i : i + 1], "cls_attention": attn[i : i + 1], "grid": (12, 12)},
-            )()
-        )
+        one = potnet(PatchFeatures(x[i : i + 1], attn[i : i + 1], (12, 12)))
         np.testing.assert_allclose(one.saliency[0], batched.saliency[i], atol=1e-5)
         np.testing.assert_allclose(one.consistency_loss[0], batched.consistency_loss[i], atol=1e-6)
-    again = potnet(type("F", (), {"features": x, "cls_attention": attn, "grid": (12, 12)})())
+    again = potnet(PatchFeatures(x, attn, (12, 12)))
     np.testing.assert_array_equal(again.saliency, batched.saliency)
 
 
@@ -72,9 +66,7 @@ SWEEP = [
 @pytest.mark.parametrize("change", SWEEP, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_every_registered_variant_finds_the_object(change):
     x, attn, fg = blob_features(b=2, noise=0.7)
-    out = POTNet(POTNetConfig(**change))(
-        type("F", (), {"features": x, "cls_attention": attn, "grid": (12, 12)})()
-    )
+    out = POTNet(POTNetConfig(**change))(PatchFeatures(x, attn, (12, 12)))
     assert out.saliency.shape == (2, 12, 12) and np.isfinite(out.saliency).all()
     assert ((out.saliency >= 0) & (out.saliency <= 1)).all()
     for soft, binary in out.masks([(24, 24), (36, 30)]):

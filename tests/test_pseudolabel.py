@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 PHOTOS = ["0001", "0002", "0003", "0004", "0005", "0006"]
 GOOD = {  # image_id -> (height, width) after EXIF orientation
@@ -54,12 +55,6 @@ def _env(**extra) -> dict:
     }
     env.pop("RAY_ADDRESS", None)
     return {**env, **extra}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +188,7 @@ def test_job_labels_a_folder_and_resumes(dataset, tmp_path, weights_path):
         (["--input", "DATA", "--set", "potnet.num_clusterz=3"], "num_clusters"),
         (["--input", "DATA", "--set", "pipeline.pool_max=0"], "pipeline.pool_max"),
         (["--input", "DATA", "--set", "backbone.name=not_a_model"], "not_a_model"),
+        (["--input", "DATA", "--set", "backbone.weights=/no/weights.pt"], "backbone.weights"),
     ],
 )
 def test_bad_input_or_config_fails_fast(args, message, dataset, tmp_path, weights_path):
@@ -215,3 +211,217 @@ def test_bad_input_or_config_fails_fast(args, message, dataset, tmp_path, weight
     assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
     assert "Started a local Ray instance" not in res.stderr + res.stdout
     assert time.monotonic() - start < 60
+
+
+# ---------------------------------------------------------------- on a Ray head the test starts
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head with its dashboard (for `ray job submit`), stopped by its own process group."""
+    port, dash = free_port(), free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    log = open(temp / "head.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(port),
+            "--node-ip-address",
+            "127.0.0.1",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+            "--include-dashboard",
+            "true",
+            "--num-cpus",
+            "4",
+            "--temp-dir",
+            str(temp),
+        ],
+        env=_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.close()
+                pytest.fail("ray head did not start:\n" + (temp / "head.log").read_text()[-3000:])
+            time.sleep(1)
+    yield {"address": f"127.0.0.1:{port}", "dashboard": url, "session": proc.pid}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+def test_ray_job_submit_with_s3_input_and_output(dataset, s3, ray_head, weights_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3["endpoint"], key="testing", secret="testing")
+    fs.mkdir("data")
+    fs.put(str(dataset), "data/images", recursive=True)
+    runtime_env = json.dumps({"env_vars": s3["env"]})
+    args = job_args(
+        "s3://data/images",
+        "s3://data/autosod/run1",
+        weights_path,
+        "--set",
+        f"storage.endpoint_url={s3['endpoint']}",
+    )
+    res = subprocess.run(
+        [
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            ray_head["dashboard"],
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            runtime_env,
+            "--",
+            "python",
+            "jobs/pseudolabel.py",
+            *args,
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "succeeded" in res.stdout and "labelled  12" in res.stdout
+    masks = pd.concat(
+        pd.read_parquet(io.BytesIO(fs.cat_file(p)))
+        for p in fs.glob("data/autosod/run1/masks/*.parquet")
+    )
+    errors = pd.concat(
+        pd.read_parquet(io.BytesIO(fs.cat_file(p)))
+        for p in fs.glob("data/autosod/run1/errors/*.parquet")
+    )
+    assert masks.source_uri.str.startswith("s3://data/images/").all()
+    check_output(masks, errors)
+    assert json.loads(fs.cat_file("data/autosod/run1/run.json"))["status"] == "complete"
+
+
+def _start_job(args, ray_head) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "jobs/pseudolabel.py", *args],
+        cwd=REPO,
+        env=_env(RAY_ADDRESS=ray_head["address"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for(condition, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail("job ended before the failure could be injected:\n" + proc.stdout.read())
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for the job to make progress")
+        time.sleep(0.3)
+
+
+def _written(out: Path) -> int:
+    masks = out / "masks"
+    return len([p for p in masks.glob("part-*.parquet")]) if masks.exists() else 0
+
+
+def test_killed_driver_then_rerun_ends_exactly_once(dataset, tmp_path, ray_head, weights_path):
+    out = tmp_path / "run"
+    args = job_args(
+        str(dataset),
+        str(out),
+        weights_path,
+        "--set",
+        "pipeline.rows_per_file=1",
+        "--set",
+        "pipeline.potnet_batch_size=1",
+    )
+    proc = _start_job(args, ray_head)
+    _wait_for(lambda: _written(out) >= 2, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-write
+    proc.wait()
+    partial = _written(out)
+    assert 0 < partial < len(GOOD)
+    rerun = run_job(args, _env(RAY_ADDRESS=ray_head["address"]))
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    check_output(out)
+    assert json.loads((out / "run.json").read_text())["skipped_already_done"] >= partial
+
+
+def test_killed_actor_is_replaced_and_output_is_exactly_once(
+    dataset, tmp_path, ray_head, weights_path
+):
+    out = tmp_path / "run"
+    args = job_args(
+        str(dataset),
+        str(out),
+        weights_path,
+        "--set",
+        "pipeline.rows_per_file=1",
+        "--set",
+        "pipeline.potnet_batch_size=1",
+    )
+    proc = _start_job(args, ray_head)
+
+    def model_actor() -> int | None:
+        """PID of the POTNet actor's worker, among the processes of our own Ray head."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                mine = os.getsid(int(entry.name)) == ray_head["session"]
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if mine and "ModelStage" in cmdline:
+                return int(entry.name)
+        return None
+
+    _wait_for(lambda: _written(out) >= 1 and model_actor() is not None, proc)
+    os.kill(model_actor(), signal.SIGKILL)  # mid-run
+    stdout, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-4000:]
+    check_output(out)
+    run = json.loads((out / "run.json").read_text())
+    assert run["duplicates"] == 0 and run["missing"] == 0 and run["status"] == "complete"
+
+
+def test_manifest_inputs(tmp_path, dataset):
+    """A CSV or Parquet manifest with a `uri` column; image_id from its column or the URI."""
+    import pyarrow as pa
+
+    from autosod_ray.data.uris import InputError, list_inputs
+
+    uris = [str(dataset / "photos" / "0001.jpg"), str(dataset / "0005.jpeg")]
+    (tmp_path / "m.csv").write_text("uri\n" + "\n".join(uris) + "\n")
+    table = list_inputs(str(tmp_path / "m.csv"), {})
+    assert sorted(table.column("source_uri").to_pylist()) == sorted(uris)
+    pq.write_table(pa.table({"uri": uris, "image_id": ["a", "b"]}), tmp_path / "m.parquet")
+    assert list_inputs(str(tmp_path / "m.parquet"), {}).column("image_id").to_pylist() == ["a", "b"]
+    pq.write_table(pa.table({"path": uris}), tmp_path / "bad.parquet")
+    with pytest.raises(InputError, match="no 'uri' column"):
+        list_inputs(str(tmp_path / "bad.parquet"), {})
+    with pytest.raises(InputError, match="not a manifest"):
+        list_inputs(str(dataset / "photos" / "0001.jpg"), {})

@@ -1,0 +1,62 @@
+"""Our metric plumbing against PySODMetrics itself and its published reference values."""
+
+import json
+
+import numpy as np
+import py_sod_metrics as psm
+import pytest
+from PIL import Image
+
+from autosod_ray.metrics import SODMetrics, image_metrics, summarize
+
+
+@pytest.fixture(scope="module")
+def pairs(shared_dir):
+    root = shared_dir / "data" / "pysodmetrics"
+    out = []
+    for pred in sorted((root / "preds").iterdir()):
+        p = np.asarray(Image.open(pred).convert("L"))
+        g = np.asarray(Image.open(root / "masks" / pred.name).convert("L"))
+        out.append((p, g))
+    return out
+
+
+def test_matches_published_reference_values(pairs, shared_dir):
+    ref = json.loads((shared_dir / "data/pysodmetrics/version_performance.json").read_text())
+    ref = ref["v1_4_3"]
+    m = SODMetrics()
+    for p, g in pairs:
+        m.step(p, g)
+    r = m.results()
+    names = {
+        "Sm": "Smeasure",
+        "wF": "wFmeasure",
+        "MAE": "MAE",
+        "maxF": "maxFm",
+        "meanF": "meanFm",
+        "adpF": "adpFm",
+        "maxE": "maxEm",
+        "meanE": "meanEm",
+        "adpE": "adpEm",
+        "IoU": "sample_biiou",
+    }
+    for ours, theirs in names.items():
+        assert r[ours] == pytest.approx(ref[theirs], abs=1e-10), ours
+    assert r["n"] == 3
+
+
+def test_any_order_of_per_image_rows_equals_one_pysodmetrics_run(pairs):
+    fm, em = psm.Fmeasure(), psm.Emeasure()
+    for p, g in pairs:
+        fm.step(pred=p, gt=g)
+        em.step(pred=p, gt=g)
+    rows = [image_metrics(p, g) for p, g in pairs]
+    shuffled = summarize(reversed(rows))
+    assert shuffled["maxF"] == pytest.approx(fm.get_results()["fm"]["curve"].max(), abs=1e-12)
+    assert shuffled["meanE"] == pytest.approx(em.get_results()["em"]["curve"].mean(), abs=1e-12)
+
+
+def test_size_mismatch_is_an_error(pairs):
+    p, g = pairs[0]
+    with pytest.raises(ValueError, match="differ in size"):
+        image_metrics(p[:-1], g)
