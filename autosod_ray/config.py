@@ -171,6 +171,30 @@ class PseudolabelConfig(Section):
         return config_hash({"backbone": self.backbone, "potnet": self.potnet})
 
 
+class EvaluateConfig(Section):
+    """`jobs/evaluate.py`: SOD metrics of predictions against ground-truth masks."""
+
+    predictions: str | None = Field(
+        None, description="pseudolabel / predict output (Parquet) or a folder of PNG maps."
+    )
+    ground_truth: str | None = Field(None, description="Folder / URI of mask PNGs (by stem).")
+    output: str | None = Field(None, description="metrics.json path or URI.")
+    batch_size: int = Field(16, ge=1, description="Pairs per scoring task.")
+    storage: StorageConfig = StorageConfig()
+
+
+class PreviewConfig(Section):
+    """`jobs/preview.py`: a contact sheet of predictions."""
+
+    predictions: str | None = Field(None, description="pseudolabel output or a folder of PNGs.")
+    images: str | None = Field(None, description="Folder / URI of the images (matched by stem).")
+    ground_truth: str | None = Field(None, description="Optional folder of mask PNGs.")
+    output: str | None = Field(None, description="Sheet PNG path or URI.")
+    n: int = Field(24, ge=1, le=500, description="Rows on the sheet.")
+    worst: bool = Field(False, description="The lowest-IoU images (needs ground truth).")
+    storage: StorageConfig = StorageConfig()
+
+
 class QualityConfig(Section):
     """`benchmarks/quality.py`: POTNet alone over a folder with ground truth."""
 

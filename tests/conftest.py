@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,13 @@ RAY_TEST_ENV = {
     "RAY_AUTH_MODE": "disabled",
 }
 os.environ.update(RAY_TEST_ENV)
+
+
+def job_env(**extra) -> dict:
+    """Environment for a job subprocess: this checkout first on the path, no inherited Ray."""
+    env = {**os.environ, **RAY_TEST_ENV, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    return {**env, **extra}
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +102,56 @@ def s3(monkeypatch):
         monkeypatch.setenv(k, v)
     yield {"endpoint": f"http://127.0.0.1:{port}", "env": creds}
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A Ray head with its dashboard (for `ray job submit`), stopped by its own process group."""
+    port, dash = free_port(), free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    log = open(temp / "head.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(port),
+            "--node-ip-address",
+            "127.0.0.1",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+            "--include-dashboard",
+            "true",
+            "--num-cpus",
+            "4",
+            "--temp-dir",
+            str(temp),
+        ],
+        env=job_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.close()
+                pytest.fail("ray head did not start:\n" + (temp / "head.log").read_text()[-3000:])
+            time.sleep(1)
+    yield {"address": f"127.0.0.1:{port}", "dashboard": url, "session": proc.pid}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, job_env
 
 PHOTOS = ["0001", "0002", "0003", "0004", "0005", "0006"]
 GOOD = {  # image_id -> (height, width) after EXIF orientation
@@ -43,18 +42,6 @@ BAD = {
     "bad/bomb.png": "decompression bomb",
 }
 MAX_PIXELS = 1_000_000
-
-
-def _env(**extra) -> dict:
-    env = {
-        **os.environ,
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-        "RAY_AUTH_MODE": "disabled",
-        "PYTHONPATH": str(REPO),
-    }
-    env.pop("RAY_ADDRESS", None)
-    return {**env, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +127,7 @@ def check_output(out: Path | pd.DataFrame, errors: pd.DataFrame | None = None) -
 
 def test_job_labels_a_folder_and_resumes(dataset, tmp_path, weights_path):
     out = tmp_path / "run"
-    env = _env()
+    env = job_env()
     done = run_job(job_args(str(dataset), str(out), weights_path), env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "labelled  12" in done.stdout and "errors    5" in done.stdout
@@ -205,7 +192,7 @@ def test_bad_input_or_config_fails_fast(args, message, dataset, tmp_path, weight
             f"backbone.weights={weights_path}",
             *args,
         ],
-        _env(),
+        job_env(),
         timeout=120,
     )
     assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
@@ -214,59 +201,6 @@ def test_bad_input_or_config_fails_fast(args, message, dataset, tmp_path, weight
 
 
 # ---------------------------------------------------------------- on a Ray head the test starts
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A Ray head with its dashboard (for `ray job submit`), stopped by its own process group."""
-    port, dash = free_port(), free_port()
-    temp = tmp_path_factory.mktemp("ray")
-    log = open(temp / "head.log", "w")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        [
-            "ray",
-            "start",
-            "--head",
-            "--block",
-            "--port",
-            str(port),
-            "--node-ip-address",
-            "127.0.0.1",
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dash),
-            "--include-dashboard",
-            "true",
-            "--num-cpus",
-            "4",
-            "--temp-dir",
-            str(temp),
-        ],
-        env=_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/version", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.close()
-                pytest.fail("ray head did not start:\n" + (temp / "head.log").read_text()[-3000:])
-            time.sleep(1)
-    yield {"address": f"127.0.0.1:{port}", "dashboard": url, "session": proc.pid}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    log.close()
 
 
 def test_ray_job_submit_with_s3_input_and_output(dataset, s3, ray_head, weights_path):
@@ -300,7 +234,7 @@ def test_ray_job_submit_with_s3_input_and_output(dataset, s3, ray_head, weights_
             *args,
         ],
         cwd=REPO,
-        env=_env(),
+        env=job_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -324,7 +258,7 @@ def _start_job(args, ray_head) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "jobs/pseudolabel.py", *args],
         cwd=REPO,
-        env=_env(RAY_ADDRESS=ray_head["address"]),
+        env=job_env(RAY_ADDRESS=ray_head["address"]),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -364,7 +298,7 @@ def test_killed_driver_then_rerun_ends_exactly_once(dataset, tmp_path, ray_head,
     proc.wait()
     partial = _written(out)
     assert 0 < partial < len(GOOD)
-    rerun = run_job(args, _env(RAY_ADDRESS=ray_head["address"]))
+    rerun = run_job(args, job_env(RAY_ADDRESS=ray_head["address"]))
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     check_output(out)
     assert json.loads((out / "run.json").read_text())["skipped_already_done"] >= partial

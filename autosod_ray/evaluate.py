@@ -1,0 +1,184 @@
+"""The evaluate job: SOD metrics of predictions against ground truth, at dataset scale.
+
+Pairs are scored in parallel by Ray Data tasks (per-image PySODMetrics values);
+the driver averages them, which equals one PySODMetrics run over the same pairs.
+Predictions: pseudolabel / predict Parquet (`saliency_png`, `mask_png`) or a
+folder of PNG soft maps. Ground truth: a folder of mask PNGs, matched by stem.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from .config import EvaluateConfig
+from .data.uris import InputError, full_uri, open_fs
+from .metrics import image_metrics, summarize
+
+PER_IMAGE = ("Sm", "wF", "MAE", "adpF", "adpE", "IoU")
+
+
+def _stem(image_id: str) -> str:
+    return posixpath.splitext(posixpath.basename(image_id))[0]
+
+
+def _pngs(uri: str, opts: dict, what: str) -> dict[str, str]:
+    fs, root = open_fs(uri, opts)
+    if not fs.exists(root):
+        raise InputError(f"{what} {uri!r} does not exist")
+    found: dict[str, str] = {}
+    for path in sorted(fs.find(root)):
+        if path.lower().endswith(".png"):
+            stem = _stem(path)
+            if stem in found:
+                raise InputError(f"{what} {uri!r}: two PNGs share the stem {stem!r}")
+            found[stem] = full_uri(fs, path)
+    if not found:
+        raise InputError(f"{what} {uri!r} holds no PNG files")
+    return found
+
+
+def load_predictions(uri: str, opts: dict) -> pa.Table:
+    """(stem, image_id, saliency_png, mask_png, pred_uri) rows from Parquet or PNGs."""
+    fs, root = open_fs(uri, opts)
+    if not fs.exists(root):
+        raise InputError(f"--predictions {uri!r} does not exist")
+    masks_dir = posixpath.join(root, "masks")
+    parquet_root = masks_dir if fs.isdir(masks_dir) else root
+    files = [
+        p
+        for p in fs.find(parquet_root)
+        if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", "."))
+    ]
+    if files:
+        cols = ["image_id", "saliency_png", "mask_png"]
+        tables = []
+        for path in sorted(files):
+            with fs.open(path, "rb") as fh:
+                tables.append(pq.read_table(fh, columns=cols))
+        t = pa.concat_tables(tables)
+        ids = t.column("image_id").to_pylist()
+        return t.append_column("stem", pa.array([_stem(i) for i in ids])).append_column(
+            "pred_uri", pa.array([""] * t.num_rows)
+        )
+    pngs = _pngs(uri, opts, "--predictions")
+    n = len(pngs)
+    return pa.table(
+        {
+            "image_id": list(pngs),
+            "saliency_png": pa.array([b""] * n, pa.binary()),
+            "mask_png": pa.array([b""] * n, pa.binary()),
+            "stem": list(pngs),
+            "pred_uri": list(pngs.values()),
+        }
+    )
+
+
+def _gray(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+
+
+def score_pairs(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
+    """Per-image metrics for each (prediction, ground truth) pair; errors kept per row."""
+    n = len(batch["image_id"])
+    out = {k: np.zeros(n, np.float64) for k in PER_IMAGE}
+    f_curves, e_curves = np.zeros((n, 256)), np.zeros((n, 256))
+    resized, errors = np.zeros(n, bool), [""] * n
+    for i in range(n):
+        try:
+            fs, path = open_fs(batch["gt_uri"][i], storage_options)
+            gt = _gray(fs.cat_file(path)) > 127
+            if batch["pred_uri"][i]:
+                fs, path = open_fs(batch["pred_uri"][i], storage_options)
+                soft, binary = _gray(fs.cat_file(path)), None
+            else:
+                soft = _gray(batch["saliency_png"][i])
+                binary = _gray(batch["mask_png"][i]) > 127 if len(batch["mask_png"][i]) else None
+            if soft.shape != gt.shape:  # resized to the ground truth's size, and counted
+                resized[i] = True
+                size = (gt.shape[1], gt.shape[0])
+                soft = np.asarray(Image.fromarray(soft).resize(size, Image.BILINEAR))
+                if binary is not None:
+                    binary = np.asarray(Image.fromarray(binary).resize(size, Image.NEAREST))
+            row = image_metrics(soft, gt, binary)
+        except Exception as err:  # noqa: BLE001 - an unreadable pair is reported, not fatal
+            errors[i] = f"{type(err).__name__}: {err}"
+            continue
+        for k in PER_IMAGE:
+            out[k][i] = row[k]
+        f_curves[i], e_curves[i] = row["F_curve"], row["E_curve"]
+    return {
+        "image_id": batch["image_id"],
+        **out,
+        "F_curve": f_curves,
+        "E_curve": e_curves,
+        "resized": resized,
+        "error": np.array(errors, dtype=object),
+    }
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict:
+    """Score every matched pair; write metrics.json and per-image Parquet next to it."""
+    import ray
+
+    if not (cfg.predictions and cfg.ground_truth and cfg.output):
+        raise InputError("--predictions, --ground-truth and --output are all required")
+    preds = load_predictions(cfg.predictions, cfg.storage.options(cfg.predictions))
+    gts = _pngs(cfg.ground_truth, cfg.storage.options(cfg.ground_truth), "--ground-truth")
+    stems = preds.column("stem").to_pylist()
+    if len(set(stems)) != len(stems):
+        raise InputError(
+            "--predictions: two predictions share a file stem; ground truth is "
+            "matched by stem, so stems must be unique"
+        )
+    matched = [s in gts for s in stems]
+    pairs = preds.filter(pa.array(matched))
+    pairs = pairs.append_column(
+        "gt_uri", pa.array([gts[s] for s in pairs.column("stem").to_pylist()])
+    )
+    rows, per_image, unreadable, resized = [], [], [], 0
+    if pairs.num_rows:
+        ray.init(ignore_reinit_error=True)
+        opts = cfg.storage.options(cfg.ground_truth)
+        step = max(cfg.batch_size, -(-pairs.num_rows // 10_000))
+        ds = ray.data.from_arrow([pairs.slice(i, step) for i in range(0, pairs.num_rows, step)])
+        ds = ds.map_batches(
+            score_pairs,
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            fn_kwargs={"storage_options": opts},
+        )
+        for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+            for i, image_id in enumerate(batch["image_id"]):
+                if batch["error"][i]:
+                    unreadable.append({"image_id": str(image_id), "error": batch["error"][i]})
+                    continue
+                resized += int(batch["resized"][i])
+                row = {k: float(batch[k][i]) for k in PER_IMAGE}
+                rows.append({**row, "F_curve": batch["F_curve"][i], "E_curve": batch["E_curve"][i]})
+                per_image.append({"image_id": str(image_id), **row})
+    metrics = {
+        **summarize(rows),
+        "predictions_without_gt": int(len(stems) - sum(matched)),
+        "gt_without_predictions": len(set(gts) - set(stems)),
+        "resized": resized,
+        "unreadable": unreadable,
+    }
+    fs, path = open_fs(cfg.output, cfg.storage.options(cfg.output))
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(path, json.dumps(metrics, indent=2).encode())
+    table = pa.Table.from_pylist(per_image) if per_image else pa.table({"image_id": []})
+    if per_image:
+        table = table.sort_by([("IoU", "ascending")])  # worst images first
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs.pipe_file(posixpath.splitext(path)[0] + "_per_image.parquet", buf.getvalue())
+    return metrics

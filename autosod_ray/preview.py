@@ -1,0 +1,100 @@
+"""Contact sheets a person can check: image, soft map, mask overlay, ground truth."""
+
+from __future__ import annotations
+
+import io
+import posixpath
+
+import numpy as np
+from PIL import Image
+
+from .config import PreviewConfig
+from .data.images import IMAGE_EXTENSIONS, decode_image
+from .data.uris import InputError, open_fs
+from .evaluate import _pngs, _stem, load_predictions
+from .metrics import iou
+
+
+def _gray(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+
+
+def _images_by_stem(uri: str, opts: dict) -> dict[str, str]:
+    fs, root = open_fs(uri, opts)
+    if not fs.exists(root):
+        raise InputError(f"--images {uri!r} does not exist")
+    return {_stem(p): p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS)}
+
+
+def render_sheet(cfg: PreviewConfig) -> dict:
+    """Pick rows (first n, or the n worst by IoU), render them, save the PNG sheet."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    opts = cfg.storage.options(cfg.predictions)
+    preds = load_predictions(cfg.predictions, opts).to_pylist()
+    images = _images_by_stem(cfg.images, cfg.storage.options(cfg.images))
+    gts = (
+        _pngs(cfg.ground_truth, cfg.storage.options(cfg.ground_truth), "--ground-truth")
+        if cfg.ground_truth
+        else {}
+    )
+    img_fs, _ = open_fs(cfg.images, cfg.storage.options(cfg.images))
+
+    def maps(row):
+        if row["pred_uri"]:
+            fs, path = open_fs(row["pred_uri"], opts)
+            soft = _gray(fs.cat_file(path))
+            return soft, soft >= 128
+        return _gray(row["saliency_png"]), _gray(row["mask_png"]) > 127
+
+    def gt_of(row, shape):
+        fs, path = open_fs(gts[row["stem"]], cfg.storage.options(cfg.ground_truth))
+        g = Image.open(io.BytesIO(fs.cat_file(path))).convert("L")
+        return np.asarray(g.resize((shape[1], shape[0]), Image.NEAREST)) > 127
+
+    rows = [r for r in preds if r["stem"] in images]
+    if not rows:
+        raise InputError("no prediction has an image of the same stem under --images")
+    scores: dict[str, float] = {}
+    if gts:
+        for r in rows:
+            if r["stem"] in gts:
+                _, binary = maps(r)
+                scores[r["stem"]] = iou(binary, gt_of(r, binary.shape))
+    if cfg.worst:
+        if not scores:
+            raise InputError("--worst needs --ground-truth with masks matching the predictions")
+        rows = sorted((r for r in rows if r["stem"] in scores), key=lambda r: scores[r["stem"]])
+    rows = rows[: cfg.n]
+    cols = 4 if gts else 3
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 3 * len(rows)), squeeze=False)
+    for ax_row, r in zip(axes, rows, strict=True):
+        soft, binary = maps(r)
+        image = decode_image(img_fs.cat_file(images[r["stem"]]), 10**9)
+        image = np.asarray(Image.fromarray(image).resize((soft.shape[1], soft.shape[0])))
+        overlay = image.astype(np.float32)
+        overlay[binary] = 0.5 * overlay[binary] + 0.5 * np.array([255, 40, 40])
+        panels = [(image, "image"), (soft, "soft map"), (overlay.astype(np.uint8), "mask")]
+        if gts:
+            panels.append(
+                (gt_of(r, soft.shape) if r["stem"] in gts else np.zeros_like(soft), "ground truth")
+            )
+        for ax, (pic, title) in zip(ax_row, panels, strict=True):
+            ax.imshow(pic, cmap="gray" if pic.ndim == 2 else None)
+            ax.set_axis_off()
+            ax.set_title(title, fontsize=8)
+        label = r["image_id"] + (f"  IoU {scores[r['stem']]:.3f}" if r["stem"] in scores else "")
+        ax_row[0].set_title(label, fontsize=8, loc="left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    fs, path = open_fs(cfg.output, cfg.storage.options(cfg.output))
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(path, buf.getvalue())
+    return {"rows": len(rows), "output": cfg.output}

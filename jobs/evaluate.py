@@ -1,0 +1,45 @@
+"""SOD metrics of predictions against ground truth.
+
+python jobs/evaluate.py --predictions URI --ground-truth URI --output metrics.json
+"""
+
+import json
+
+from autosod_ray.cli import job_parser, run_job
+from autosod_ray.config import EvaluateConfig, load_config
+from autosod_ray.evaluate import run_evaluate
+from autosod_ray.metrics import METRIC_KEYS
+
+
+def main() -> int:
+    p = job_parser(__doc__, "evaluate.yaml")
+    p.add_argument("--predictions", help="pseudolabel/predict output, or a folder of PNG maps")
+    p.add_argument("--ground-truth", help="folder or URI of ground-truth mask PNGs")
+    p.add_argument("--output", help="metrics.json path or URI")
+    args = p.parse_args()
+    overrides = list(args.set)
+    for key in ("predictions", "ground_truth", "output"):
+        if getattr(args, key):
+            overrides.append(f"{key}={getattr(args, key)}")
+    metrics = run_evaluate(load_config(EvaluateConfig, args.config, overrides))
+    print(
+        json.dumps(
+            {
+                k: metrics[k]
+                for k in (
+                    *METRIC_KEYS,
+                    "n",
+                    "predictions_without_gt",
+                    "gt_without_predictions",
+                    "resized",
+                )
+            },
+            indent=2,
+        )
+    )
+    print(f"unreadable: {len(metrics['unreadable'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_job(main)

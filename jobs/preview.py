@@ -1,0 +1,33 @@
+"""A contact sheet: per row the image, the soft map, the mask overlay, the ground truth.
+
+    python jobs/preview.py --predictions URI --images URI [--ground-truth URI] \
+        --output sheet.png [--n 24] [--worst]
+"""
+
+from autosod_ray.cli import job_parser, run_job
+from autosod_ray.config import PreviewConfig, load_config
+from autosod_ray.preview import render_sheet
+
+
+def main() -> int:
+    p = job_parser(__doc__, "preview.yaml")
+    p.add_argument("--predictions", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--ground-truth")
+    p.add_argument("--output", required=True)
+    p.add_argument("--n", type=int)
+    p.add_argument("--worst", action="store_true")
+    args = p.parse_args()
+    overrides = list(args.set)
+    for key in ("predictions", "images", "ground_truth", "output", "n"):
+        if getattr(args, key) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
+    if args.worst:
+        overrides.append("worst=true")
+    result = render_sheet(load_config(PreviewConfig, args.config, overrides))
+    print(f"wrote {result['rows']} rows to {result['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_job(main)
