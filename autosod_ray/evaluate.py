@@ -18,30 +18,18 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .config import EvaluateConfig
-from .data.uris import InputError, full_uri, open_fs
+from .data.images import decode_gray
+from .data.uris import (
+    InputError,
+    file_stem,
+    open_fs,
+    pngs_by_stem,
+    read_bytes_at,
+    write_bytes_at,
+)
 from .metrics import image_metrics, summarize
 
 PER_IMAGE = ("Sm", "wF", "MAE", "adpF", "adpE", "IoU")
-
-
-def _stem(image_id: str) -> str:
-    return posixpath.splitext(posixpath.basename(image_id))[0]
-
-
-def _pngs(uri: str, opts: dict, what: str) -> dict[str, str]:
-    fs, root = open_fs(uri, opts)
-    if not fs.exists(root):
-        raise InputError(f"{what} {uri!r} does not exist")
-    found: dict[str, str] = {}
-    for path in sorted(fs.find(root)):
-        if path.lower().endswith(".png"):
-            stem = _stem(path)
-            if stem in found:
-                raise InputError(f"{what} {uri!r}: two PNGs share the stem {stem!r}")
-            found[stem] = full_uri(fs, path)
-    if not found:
-        raise InputError(f"{what} {uri!r} holds no PNG files")
-    return found
 
 
 def load_predictions(uri: str, opts: dict) -> pa.Table:
@@ -64,10 +52,10 @@ def load_predictions(uri: str, opts: dict) -> pa.Table:
                 tables.append(pq.read_table(fh, columns=cols))
         t = pa.concat_tables(tables)
         ids = t.column("image_id").to_pylist()
-        return t.append_column("stem", pa.array([_stem(i) for i in ids])).append_column(
+        return t.append_column("stem", pa.array([file_stem(i) for i in ids])).append_column(
             "pred_uri", pa.array([""] * t.num_rows)
         )
-    pngs = _pngs(uri, opts, "--predictions")
+    pngs = pngs_by_stem(uri, opts, "--predictions")
     n = len(pngs)
     return pa.table(
         {
@@ -80,10 +68,6 @@ def load_predictions(uri: str, opts: dict) -> pa.Table:
     )
 
 
-def _gray(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
-
-
 def score_pairs(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
     """Per-image metrics for each (prediction, ground truth) pair; errors kept per row."""
     n = len(batch["image_id"])
@@ -92,14 +76,15 @@ def score_pairs(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str
     resized, errors = np.zeros(n, bool), [""] * n
     for i in range(n):
         try:
-            fs, path = open_fs(batch["gt_uri"][i], storage_options)
-            gt = _gray(fs.cat_file(path)) > 127
+            gt = decode_gray(read_bytes_at(batch["gt_uri"][i], storage_options)) > 127
             if batch["pred_uri"][i]:
-                fs, path = open_fs(batch["pred_uri"][i], storage_options)
-                soft, binary = _gray(fs.cat_file(path)), None
+                soft = decode_gray(read_bytes_at(batch["pred_uri"][i], storage_options))
+                binary = None
             else:
-                soft = _gray(batch["saliency_png"][i])
-                binary = _gray(batch["mask_png"][i]) > 127 if len(batch["mask_png"][i]) else None
+                soft = decode_gray(batch["saliency_png"][i])
+                binary = (
+                    decode_gray(batch["mask_png"][i]) > 127 if len(batch["mask_png"][i]) else None
+                )
             if soft.shape != gt.shape:  # resized to the ground truth's size, and counted
                 resized[i] = True
                 size = (gt.shape[1], gt.shape[0])
@@ -130,7 +115,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if not (cfg.predictions and cfg.ground_truth and cfg.output):
         raise InputError("--predictions, --ground-truth and --output are all required")
     preds = load_predictions(cfg.predictions, cfg.storage.options(cfg.predictions))
-    gts = _pngs(cfg.ground_truth, cfg.storage.options(cfg.ground_truth), "--ground-truth")
+    gts = pngs_by_stem(cfg.ground_truth, cfg.storage.options(cfg.ground_truth), "--ground-truth")
     stems = preds.column("stem").to_pylist()
     if len(set(stems)) != len(stems):
         raise InputError(
@@ -170,15 +155,12 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "resized": resized,
         "unreadable": unreadable,
     }
-    fs, path = open_fs(cfg.output, cfg.storage.options(cfg.output))
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(path, json.dumps(metrics, indent=2).encode())
+    opts = cfg.storage.options(cfg.output)
+    write_bytes_at(cfg.output, json.dumps(metrics, indent=2).encode(), opts)
     table = pa.Table.from_pylist(per_image) if per_image else pa.table({"image_id": []})
     if per_image:
         table = table.sort_by([("IoU", "ascending")])  # worst images first
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    fs.pipe_file(posixpath.splitext(path)[0] + "_per_image.parquet", buf.getvalue())
+    write_bytes_at(posixpath.splitext(cfg.output)[0] + "_per_image.parquet", buf.getvalue(), opts)
     return metrics

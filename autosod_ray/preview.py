@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import io
-import posixpath
 
 import numpy as np
 from PIL import Image
 
 from .config import PreviewConfig
-from .data.images import IMAGE_EXTENSIONS, decode_image
-from .data.uris import InputError, open_fs
-from .evaluate import _pngs, _stem, load_predictions
+from .data.images import IMAGE_EXTENSIONS, decode_gray, decode_image
+from .data.uris import (
+    InputError,
+    file_stem,
+    open_fs,
+    pngs_by_stem,
+    read_bytes_at,
+    write_bytes_at,
+)
+from .evaluate import load_predictions
 from .metrics import iou
 
 
-def _gray(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
-
-
-def _images_by_stem(uri: str, opts: dict) -> dict[str, str]:
+def _images_byfile_stem(uri: str, opts: dict) -> dict[str, str]:
     fs, root = open_fs(uri, opts)
     if not fs.exists(root):
         raise InputError(f"--images {uri!r} does not exist")
-    return {_stem(p): p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS)}
+    return {file_stem(p): p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS)}
 
 
 def render_sheet(cfg: PreviewConfig) -> dict:
@@ -35,9 +37,9 @@ def render_sheet(cfg: PreviewConfig) -> dict:
 
     opts = cfg.storage.options(cfg.predictions)
     preds = load_predictions(cfg.predictions, opts).to_pylist()
-    images = _images_by_stem(cfg.images, cfg.storage.options(cfg.images))
+    images = _images_byfile_stem(cfg.images, cfg.storage.options(cfg.images))
     gts = (
-        _pngs(cfg.ground_truth, cfg.storage.options(cfg.ground_truth), "--ground-truth")
+        pngs_by_stem(cfg.ground_truth, cfg.storage.options(cfg.ground_truth), "--ground-truth")
         if cfg.ground_truth
         else {}
     )
@@ -45,15 +47,13 @@ def render_sheet(cfg: PreviewConfig) -> dict:
 
     def maps(row):
         if row["pred_uri"]:
-            fs, path = open_fs(row["pred_uri"], opts)
-            soft = _gray(fs.cat_file(path))
+            soft = decode_gray(read_bytes_at(row["pred_uri"], opts))
             return soft, soft >= 128
-        return _gray(row["saliency_png"]), _gray(row["mask_png"]) > 127
+        return decode_gray(row["saliency_png"]), decode_gray(row["mask_png"]) > 127
 
     def gt_of(row, shape):
-        fs, path = open_fs(gts[row["stem"]], cfg.storage.options(cfg.ground_truth))
-        g = Image.open(io.BytesIO(fs.cat_file(path))).convert("L")
-        return np.asarray(g.resize((shape[1], shape[0]), Image.NEAREST)) > 127
+        g = decode_gray(read_bytes_at(gts[row["stem"]], cfg.storage.options(cfg.ground_truth)))
+        return np.asarray(Image.fromarray(g).resize((shape[1], shape[0]), Image.NEAREST)) > 127
 
     rows = [r for r in preds if r["stem"] in images]
     if not rows:
@@ -92,9 +92,5 @@ def render_sheet(cfg: PreviewConfig) -> dict:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
-    fs, path = open_fs(cfg.output, cfg.storage.options(cfg.output))
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(path, buf.getvalue())
+    write_bytes_at(cfg.output, buf.getvalue(), cfg.storage.options(cfg.output))
     return {"rows": len(rows), "output": cfg.output}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -155,3 +156,31 @@ def ray_head(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     log.close()
+
+
+# our metric keys -> PySODMetrics' names in version_performance.json
+PYSOD_REFERENCE_NAMES = {
+    "Sm": "Smeasure",
+    "wF": "wFmeasure",
+    "MAE": "MAE",
+    "maxF": "maxFm",
+    "meanF": "meanFm",
+    "adpF": "adpFm",
+    "maxE": "maxEm",
+    "meanE": "meanEm",
+    "adpE": "adpEm",
+}
+
+
+def ray_job_submit(ray_head, job: list[str], env_vars: dict | None = None):
+    """`ray job submit` of a repo job to the test head; returns the finished process."""
+    extra = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+    cmd = ["ray", "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO)]
+    return subprocess.run(
+        [*cmd, *extra, "--", "python", *job],
+        cwd=REPO,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

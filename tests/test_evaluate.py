@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from autosod_ray.metrics import METRIC_KEYS, SODMetrics
-from tests.conftest import REPO, job_env
+from tests.conftest import PYSOD_REFERENCE_NAMES, REPO, job_env, ray_job_submit
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
@@ -51,17 +51,7 @@ def test_png_folder_equals_published_values_and_single_process(fixtures, tmp_pat
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
     ref = json.loads((fixtures / "version_performance.json").read_text())["v1_4_3"]
-    for ours, theirs in {
-        "Sm": "Smeasure",
-        "wF": "wFmeasure",
-        "MAE": "MAE",
-        "maxF": "maxFm",
-        "meanF": "meanFm",
-        "adpF": "adpFm",
-        "maxE": "maxEm",
-        "meanE": "meanEm",
-        "adpE": "adpEm",
-    }.items():
+    for ours, theirs in PYSOD_REFERENCE_NAMES.items():
         assert metrics[ours] == pytest.approx(ref[theirs], abs=1e-10), ours
     single = SODMetrics()
     for pred in sorted((fixtures / "preds").iterdir()):
@@ -182,30 +172,15 @@ def test_preview_sheet_from_real_images(tmp_path, ecssd):
 
 def test_evaluate_through_ray_job_submit(fixtures, tmp_path, ray_head):
     out = tmp_path / "metrics.json"
-    res = subprocess.run(
-        [
-            "ray",
-            "job",
-            "submit",
-            "--address",
-            ray_head["dashboard"],
-            "--working-dir",
-            str(REPO),
-            "--",
-            "python",
-            "jobs/evaluate.py",
-            "--predictions",
-            str(fixtures / "preds"),
-            "--ground-truth",
-            str(fixtures / "masks"),
-            "--output",
-            str(out),
-        ],
-        cwd=REPO,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    job = [
+        "jobs/evaluate.py",
+        "--predictions",
+        str(fixtures / "preds"),
+        "--ground-truth",
+        str(fixtures / "masks"),
+        "--output",
+        str(out),
+    ]
+    res = ray_job_submit(ray_head, job)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert json.loads(out.read_text())["n"] == 3

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from autosod_ray.metrics import SODMetrics, image_metrics, summarize
+from tests.conftest import PYSOD_REFERENCE_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +29,7 @@ def test_matches_published_reference_values(pairs, shared_dir):
     for p, g in pairs:
         m.step(p, g)
     r = m.results()
-    names = {
-        "Sm": "Smeasure",
-        "wF": "wFmeasure",
-        "MAE": "MAE",
-        "maxF": "maxFm",
-        "meanF": "meanFm",
-        "adpF": "adpFm",
-        "maxE": "maxEm",
-        "meanE": "meanEm",
-        "adpE": "adpEm",
-        "IoU": "sample_biiou",
-    }
+    names = {**PYSOD_REFERENCE_NAMES, "IoU": "sample_biiou"}
     for ours, theirs in names.items():
         assert r[ours] == pytest.approx(ref[theirs], abs=1e-10), ours
     assert r["n"] == 3

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, job_env
+from tests.conftest import REPO, job_env, ray_job_submit
 
 PHOTOS = ["0001", "0002", "0003", "0004", "0005", "0006"]
 GOOD = {  # image_id -> (height, width) after EXIF orientation
@@ -209,7 +209,6 @@ def test_ray_job_submit_with_s3_input_and_output(dataset, s3, ray_head, weights_
     fs = s3fs.S3FileSystem(endpoint_url=s3["endpoint"], key="testing", secret="testing")
     fs.mkdir("data")
     fs.put(str(dataset), "data/images", recursive=True)
-    runtime_env = json.dumps({"env_vars": s3["env"]})
     args = job_args(
         "s3://data/images",
         "s3://data/autosod/run1",
@@ -217,28 +216,7 @@ def test_ray_job_submit_with_s3_input_and_output(dataset, s3, ray_head, weights_
         "--set",
         f"storage.endpoint_url={s3['endpoint']}",
     )
-    res = subprocess.run(
-        [
-            "ray",
-            "job",
-            "submit",
-            "--address",
-            ray_head["dashboard"],
-            "--working-dir",
-            str(REPO),
-            "--runtime-env-json",
-            runtime_env,
-            "--",
-            "python",
-            "jobs/pseudolabel.py",
-            *args,
-        ],
-        cwd=REPO,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    res = ray_job_submit(ray_head, ["jobs/pseudolabel.py", *args], env_vars=s3["env"])
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "succeeded" in res.stdout and "labelled  12" in res.stdout
     masks = pd.concat(
@@ -252,6 +230,19 @@ def test_ray_job_submit_with_s3_input_and_output(dataset, s3, ray_head, weights_
     assert masks.source_uri.str.startswith("s3://data/images/").all()
     check_output(masks, errors)
     assert json.loads(fs.cat_file("data/autosod/run1/run.json"))["status"] == "complete"
+
+
+def slow_job_args(dataset, out, weights_path) -> list[str]:
+    """One image per batch and per file: many small writes, time to fail in between."""
+    return job_args(
+        str(dataset),
+        str(out),
+        weights_path,
+        "--set",
+        "pipeline.rows_per_file=1",
+        "--set",
+        "pipeline.potnet_batch_size=1",
+    )
 
 
 def _start_job(args, ray_head) -> subprocess.Popen:
@@ -283,15 +274,7 @@ def _written(out: Path) -> int:
 
 def test_killed_driver_then_rerun_ends_exactly_once(dataset, tmp_path, ray_head, weights_path):
     out = tmp_path / "run"
-    args = job_args(
-        str(dataset),
-        str(out),
-        weights_path,
-        "--set",
-        "pipeline.rows_per_file=1",
-        "--set",
-        "pipeline.potnet_batch_size=1",
-    )
+    args = slow_job_args(dataset, out, weights_path)
     proc = _start_job(args, ray_head)
     _wait_for(lambda: _written(out) >= 2, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-write
@@ -308,15 +291,7 @@ def test_killed_actor_is_replaced_and_output_is_exactly_once(
     dataset, tmp_path, ray_head, weights_path
 ):
     out = tmp_path / "run"
-    args = job_args(
-        str(dataset),
-        str(out),
-        weights_path,
-        "--set",
-        "pipeline.rows_per_file=1",
-        "--set",
-        "pipeline.potnet_batch_size=1",
-    )
+    args = slow_job_args(dataset, out, weights_path)
     proc = _start_job(args, ray_head)
 
     def model_actor() -> int | None:

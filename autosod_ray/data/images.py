@@ -76,3 +76,8 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1) -> np.ndarray:
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """H x W x 3 uint8 -> size x size x 3 uint8 (bilinear with antialiasing)."""
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def decode_gray(data: bytes) -> np.ndarray:
+    """A mask or soft-map PNG -> H x W uint8."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))

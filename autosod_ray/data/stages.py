@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .images import ImageError, decode_image, resize_square
-from .uris import open_fs
+from .uris import read_bytes_at
 
 
 def read_bytes(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
@@ -27,8 +27,7 @@ def read_bytes(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str,
     data, errors = [], []
     for uri in batch["source_uri"]:
         try:
-            fs, path = open_fs(uri, storage_options)  # fsspec caches filesystem instances
-            data.append(fs.cat_file(path))
+            data.append(read_bytes_at(uri, storage_options))  # fsspec caches filesystems
             errors.append("")
         except (OSError, ValueError) as err:
             data.append(b"")

@@ -84,3 +84,39 @@ def _read_manifest(fs, path: str, uri: str, column: str) -> pa.Table:
     if len(set(ids)) != len(ids):
         raise InputError(f"manifest {uri!r} repeats image ids; every image must appear once")
     return pa.table({"image_id": ids, "source_uri": uris}).sort_by("image_id")
+
+
+def file_stem(path: str) -> str:
+    """'a/b/0001.jpg' -> '0001' (how ground truth is matched to predictions)."""
+    return posixpath.splitext(posixpath.basename(path))[0]
+
+
+def pngs_by_stem(uri: str, storage_options: dict, what: str) -> dict[str, str]:
+    """Every PNG under `uri` by file stem; `what` names the flag in error messages."""
+    fs, root = open_fs(uri, storage_options)
+    if not fs.exists(root):
+        raise InputError(f"{what} {uri!r} does not exist")
+    found: dict[str, str] = {}
+    for path in sorted(fs.find(root)):
+        if path.lower().endswith(".png"):
+            stem = file_stem(path)
+            if stem in found:
+                raise InputError(f"{what} {uri!r}: two PNGs share the stem {stem!r}")
+            found[stem] = full_uri(fs, path)
+    if not found:
+        raise InputError(f"{what} {uri!r} holds no PNG files")
+    return found
+
+
+def read_bytes_at(uri: str, storage_options: dict) -> bytes:
+    fs, path = open_fs(uri, storage_options)
+    return fs.cat_file(path)
+
+
+def write_bytes_at(uri: str, data: bytes, storage_options: dict) -> None:
+    """Write a whole file at a local path or URI, creating its folder."""
+    fs, path = open_fs(uri, storage_options)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(path, data)
