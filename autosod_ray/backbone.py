@@ -104,6 +104,32 @@ def vit_geometry(cfg: BackboneConfig) -> tuple[int, int]:
     return snap_to_patch(cfg.image_size, patch), patch
 
 
+def check_weights_reachable(cfg: BackboneConfig, storage_options: dict | None = None) -> None:
+    """Fail early, with a clear message, when the backbone weights cannot be had.
+
+    A path or URI must exist; hub weights are fetched once here (into the local
+    cache that the workers on this machine then reuse).
+    """
+    if cfg.weights:
+        fs, path = fsspec.core.url_to_fs(cfg.weights, **(storage_options or {}))
+        if not fs.exists(path):
+            raise FileNotFoundError(
+                f"backbone.weights: no file at {cfg.weights!r}; give a local path or URI of "
+                "safetensors or torch weights, or leave it empty for timm's hub weights"
+            )
+        return
+    try:
+        _timm_vit(cfg.name, pretrained=True)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any hub or network failure
+        raise FileNotFoundError(
+            f"backbone.weights is empty, so the weights of {cfg.name!r} come from timm's hub, "
+            f"which failed ({type(err).__name__}); without internet, set backbone.weights to a "
+            "local path or URI (see README, 'Offline')"
+        ) from None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -195,14 +195,6 @@ class PreviewConfig(Section):
     storage: StorageConfig = StorageConfig()
 
 
-class QualityConfig(Section):
-    """`benchmarks/quality.py`: POTNet alone over a folder with ground truth."""
-
-    backbone: BackboneConfig = BackboneConfig()
-    potnet: POTNetConfig = POTNetConfig()
-    batch_size: int = Field(8, ge=1, le=4096)
-
-
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 

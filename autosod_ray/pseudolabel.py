@@ -18,7 +18,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .backbone import vit_geometry
+from .backbone import check_weights_reachable, vit_geometry
 from .config import PseudolabelConfig
 from .data.parquet import TABLES, PseudoMaskDatasink, read_ids
 from .data.stages import ModelStage, decode, encode, read_bytes
@@ -158,13 +158,7 @@ def run_pseudolabel(cfg: PseudolabelConfig) -> dict:
         raise InputError("both --input and --output are required")
     config_hash = cfg.labelling_hash()
     image_size, patch = vit_geometry(cfg.backbone)  # a bad backbone name fails here, before Ray
-    if cfg.backbone.weights:
-        fs, path = open_fs(cfg.backbone.weights, cfg.storage.options(cfg.backbone.weights))
-        if not fs.exists(path):
-            raise FileNotFoundError(
-                f"backbone.weights: no file at {cfg.backbone.weights!r}; give a local path or "
-                "URI of safetensors or torch weights, or leave it empty for timm's hub weights"
-            )
+    check_weights_reachable(cfg.backbone, cfg.storage.options(cfg.backbone.weights or ""))
     check_output(cfg, config_hash)
     inputs, already = pending_inputs(cfg, config_hash)
     total = inputs.num_rows + already

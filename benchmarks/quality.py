@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from autosod_ray.backbone import ViTFeatures
-from autosod_ray.config import POTNetConfig, QualityConfig, load_config
+from autosod_ray.config import POTNetConfig, PseudolabelConfig, load_config
 from autosod_ray.data.images import IMAGE_EXTENSIONS, decode_image, resize_square
 from autosod_ray.labeller import PseudoLabeller
 from autosod_ray.metrics import SODMetrics
@@ -65,7 +65,7 @@ def image_mask_pairs(images: Path, masks: Path, limit: int | None) -> list[tuple
 
 
 def run(args: argparse.Namespace) -> dict:
-    cfg = load_config(QualityConfig, args.config, args.set)
+    cfg = load_config(PseudolabelConfig, args.config, args.set)
     pairs = image_mask_pairs(Path(args.images), Path(args.masks), args.limit)
     extractor = ViTFeatures(cfg.backbone)
     labellers = {
@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> dict:
     metrics = {name: SODMetrics() for name in labellers}
     seconds = dict.fromkeys(labellers, 0.0)
     backbone_s = 0.0
-    for start in range(0, len(pairs), cfg.batch_size):
-        chunk = pairs[start : start + cfg.batch_size]
+    for start in range(0, len(pairs), cfg.pipeline.potnet_batch_size):
+        chunk = pairs[start : start + cfg.pipeline.potnet_batch_size]
         images = [decode_image(p.read_bytes(), cfg.potnet.max_pixels) for p, _ in chunk]
         gts = [np.asarray(Image.open(m).convert("L")) > 127 for _, m in chunk]
         sizes = [im.shape[:2] for im in images]

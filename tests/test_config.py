@@ -1,20 +1,26 @@
 import pytest
 
-from autosod_ray.config import ConfigError, QualityConfig, config_hash, load_config, parse_override
+from autosod_ray.config import (
+    ConfigError,
+    PseudolabelConfig,
+    config_hash,
+    load_config,
+    parse_override,
+)
 from tests.conftest import REPO
 
 POTNET_YAML = REPO / "configs" / "potnet.yaml"
 
 
 def test_paper_defaults_load():
-    cfg = load_config(QualityConfig, POTNET_YAML)
+    cfg = load_config(PseudolabelConfig, POTNET_YAML)
     assert cfg.backbone.name == "vit_small_patch8_224.dino"
     assert cfg.potnet.clustering == "dual" and cfg.potnet.fusion == "smooth"
 
 
 def test_override_wins_over_yaml_and_is_typed():
     cfg = load_config(
-        QualityConfig,
+        PseudolabelConfig,
         POTNET_YAML,
         [
             "potnet.num_clusters=5",
@@ -28,28 +34,44 @@ def test_override_wins_over_yaml_and_is_typed():
 
 def test_unknown_key_names_key_and_allowed():
     with pytest.raises(ConfigError) as err:
-        load_config(QualityConfig, POTNET_YAML, ["potnet.num_cluster=3"])
+        load_config(PseudolabelConfig, POTNET_YAML, ["potnet.num_cluster=3"])
     msg = str(err.value)
     assert "potnet.num_cluster" in msg and "num_clusters" in msg
 
 
 def test_bad_value_names_key_and_choices():
     with pytest.raises(ConfigError) as err:
-        load_config(QualityConfig, None, ["potnet.seed=kmeans"])
+        load_config(PseudolabelConfig, None, ["potnet.seed=kmeans"])
     assert "potnet.seed" in str(err.value) and "'attention'" in str(err.value)
     with pytest.raises(ConfigError, match="potnet.num_clusters"):
-        load_config(QualityConfig, None, ["potnet.num_clusters=0"])
+        load_config(PseudolabelConfig, None, ["potnet.num_clusters=0"])
 
 
 def test_bad_override_syntax_and_missing_file():
     with pytest.raises(ConfigError, match="dotted.key=value"):
         parse_override("potnet.seed")
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(QualityConfig, "no/such.yaml")
+        load_config(PseudolabelConfig, "no/such.yaml")
 
 
 def test_hash_is_stable_and_sensitive():
-    a = load_config(QualityConfig, POTNET_YAML)
-    b = load_config(QualityConfig, POTNET_YAML)
-    c = load_config(QualityConfig, POTNET_YAML, ["potnet.num_clusters=4"])
+    a = load_config(PseudolabelConfig, POTNET_YAML)
+    b = load_config(PseudolabelConfig, POTNET_YAML)
+    c = load_config(PseudolabelConfig, POTNET_YAML, ["potnet.num_clusters=4"])
     assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+@pytest.mark.parametrize(
+    "name, schema",
+    [
+        ("potnet.yaml", "PseudolabelConfig"),
+        ("cpu-offline.yaml", "PseudolabelConfig"),
+        ("smoke.yaml", "PseudolabelConfig"),
+        ("evaluate.yaml", "EvaluateConfig"),
+        ("preview.yaml", "PreviewConfig"),
+    ],
+)
+def test_every_shipped_config_validates_under_its_job(name, schema):
+    import autosod_ray.config as config
+
+    load_config(getattr(config, schema), REPO / "configs" / name)

@@ -95,7 +95,7 @@ def test_quality_benchmark_cli(tmp_path, ecssd, weights_path):
             "--set",
             "backbone.image_size=224",
             "--set",
-            "batch_size=2",
+            "pipeline.potnet_batch_size=2",
             "--save-masks",
             str(tmp_path / "masks"),
             "--json",

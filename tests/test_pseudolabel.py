@@ -167,6 +167,16 @@ def test_job_labels_a_folder_and_resumes(dataset, tmp_path, weights_path):
     assert other.returncode == 2 and "--overwrite" in other.stderr
 
 
+def test_hub_weights_unreachable_fails_fast(dataset, tmp_path):
+    res = run_job(
+        ["--input", str(dataset), "--output", str(tmp_path / "out")],
+        job_env(HF_HUB_OFFLINE="1"),
+        timeout=120,
+    )
+    assert res.returncode == 2 and "timm's hub" in res.stderr, res.stderr[-2000:]
+    assert "Started a local Ray instance" not in res.stderr + res.stdout
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
