@@ -23,16 +23,20 @@ _WRAPPERS = ("teacher", "student", "model", "state_dict", "module")
 _PREFIXES = ("module.", "backbone.", "encoder.")
 
 
+def missing_weights(uri: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"backbone.weights: no file at {uri!r}; give a local path or URI of safetensors or "
+        "torch weights, or leave it empty to use timm's hub weights"
+    )
+
+
 def read_state_dict(uri: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
     """Weights file at a local path or fsspec URI -> float32 state dict."""
     try:
         with fsspec.open(uri, "rb", **(storage_options or {})) as fh:
             blob = fh.read()
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"backbone.weights: no file at {uri!r}; give a local path or URI of a "
-            "safetensors or torch checkpoint, or leave it empty to use timm's hub weights"
-        ) from None
+        raise missing_weights(uri) from None
     if blob[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
         from safetensors.torch import load
 
@@ -113,10 +117,7 @@ def check_weights_reachable(cfg: BackboneConfig, storage_options: dict | None = 
     if cfg.weights:
         fs, path = fsspec.core.url_to_fs(cfg.weights, **(storage_options or {}))
         if not fs.exists(path):
-            raise FileNotFoundError(
-                f"backbone.weights: no file at {cfg.weights!r}; give a local path or URI of "
-                "safetensors or torch weights, or leave it empty for timm's hub weights"
-            )
+            raise missing_weights(cfg.weights)
         return
     try:
         _timm_vit(cfg.name, pretrained=True)

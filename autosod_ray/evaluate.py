@@ -27,7 +27,7 @@ from .data.uris import (
     read_bytes_at,
     write_bytes_at,
 )
-from .metrics import image_metrics, summarize
+from .metrics import MetricMeans, image_metrics
 
 PER_IMAGE = ("Sm", "wF", "MAE", "adpF", "adpE", "IoU")
 
@@ -127,7 +127,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     pairs = pairs.append_column(
         "gt_uri", pa.array([gts[s] for s in pairs.column("stem").to_pylist()])
     )
-    rows, per_image, unreadable, resized = [], [], [], 0
+    means, per_image, unreadable, resized = MetricMeans(), [], [], 0
     if pairs.num_rows:
         ray.init(ignore_reinit_error=True)
         opts = cfg.storage.options(cfg.ground_truth)
@@ -146,10 +146,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                     continue
                 resized += int(batch["resized"][i])
                 row = {k: float(batch[k][i]) for k in PER_IMAGE}
-                rows.append({**row, "F_curve": batch["F_curve"][i], "E_curve": batch["E_curve"][i]})
+                means.add({**row, "F_curve": batch["F_curve"][i], "E_curve": batch["E_curve"][i]})
                 per_image.append({"image_id": str(image_id), **row})
     metrics = {
-        **summarize(rows),
+        **means.results(),
         "predictions_without_gt": int(len(stems) - sum(matched)),
         "gt_without_predictions": len(set(gts) - set(stems)),
         "resized": resized,

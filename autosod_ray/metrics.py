@@ -51,39 +51,55 @@ def image_metrics(soft: np.ndarray, gt: np.ndarray, binary: np.ndarray | None = 
     }
 
 
+class MetricMeans:
+    """Running sums of per-image values; memory does not grow with the number of images."""
+
+    SUMMED = ("Sm", "wF", "MAE", "adpF", "adpE", "IoU", "F_curve", "E_curve")
+
+    def __init__(self):
+        self.n, self.sums = 0, {}
+
+    def add(self, row: dict) -> None:
+        self.n += 1
+        for key in self.SUMMED:
+            self.sums[key] = self.sums.get(key, 0.0) + row[key]
+
+    def results(self) -> dict[str, float]:
+        """The dataset-level standard keys (means over images)."""
+        if self.n == 0:
+            return {**dict.fromkeys(METRIC_KEYS, float("nan")), "n": 0}
+        mean = {k: v / self.n for k, v in self.sums.items()}
+        return {
+            "Sm": float(mean["Sm"]),
+            "wF": float(mean["wF"]),
+            "MAE": float(mean["MAE"]),
+            "maxF": float(mean["F_curve"].max()),
+            "meanF": float(mean["F_curve"].mean()),
+            "adpF": float(mean["adpF"]),
+            "maxE": float(mean["E_curve"].max()),
+            "meanE": float(mean["E_curve"].mean()),
+            "adpE": float(mean["adpE"]),
+            "IoU": float(mean["IoU"]),
+            "n": self.n,
+        }
+
+
 def summarize(rows: Iterable[dict]) -> dict[str, float]:
     """Per-image values -> the dataset-level standard keys (means over images)."""
-    n, sums = 0, {}
+    means = MetricMeans()
     for row in rows:
-        n += 1
-        for key in ("Sm", "wF", "MAE", "adpF", "adpE", "IoU", "F_curve", "E_curve"):
-            sums[key] = sums.get(key, 0.0) + row[key]
-    if n == 0:
-        return {**dict.fromkeys(METRIC_KEYS, float("nan")), "n": 0}
-    mean = {k: v / n for k, v in sums.items()}
-    return {
-        "Sm": float(mean["Sm"]),
-        "wF": float(mean["wF"]),
-        "MAE": float(mean["MAE"]),
-        "maxF": float(mean["F_curve"].max()),
-        "meanF": float(mean["F_curve"].mean()),
-        "adpF": float(mean["adpF"]),
-        "maxE": float(mean["E_curve"].max()),
-        "meanE": float(mean["E_curve"].mean()),
-        "adpE": float(mean["adpE"]),
-        "IoU": float(mean["IoU"]),
-        "n": n,
-    }
+        means.add(row)
+    return means.results()
 
 
 class SODMetrics:
     """Dataset-level SOD metrics; `step` one image at a time, `results` at the end."""
 
     def __init__(self):
-        self.rows: list[dict] = []
+        self.means = MetricMeans()
 
     def step(self, soft: np.ndarray, gt: np.ndarray, binary: np.ndarray | None = None) -> None:
-        self.rows.append(image_metrics(soft, gt, binary))
+        self.means.add(image_metrics(soft, gt, binary))
 
     def results(self) -> dict[str, float]:
-        return summarize(self.rows)
+        return self.means.results()

@@ -12,6 +12,7 @@ from .data.images import IMAGE_EXTENSIONS, decode_gray, decode_image
 from .data.uris import (
     InputError,
     file_stem,
+    full_uri,
     open_fs,
     pngs_by_stem,
     read_bytes_at,
@@ -21,11 +22,12 @@ from .evaluate import load_predictions
 from .metrics import iou
 
 
-def _images_byfile_stem(uri: str, opts: dict) -> dict[str, str]:
+def _images_by_stem(uri: str, opts: dict) -> dict[str, str]:
     fs, root = open_fs(uri, opts)
     if not fs.exists(root):
         raise InputError(f"--images {uri!r} does not exist")
-    return {file_stem(p): p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS)}
+    found = (p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS))
+    return {file_stem(p): full_uri(fs, p) for p in found}
 
 
 def render_sheet(cfg: PreviewConfig) -> dict:
@@ -37,13 +39,12 @@ def render_sheet(cfg: PreviewConfig) -> dict:
 
     opts = cfg.storage.options(cfg.predictions)
     preds = load_predictions(cfg.predictions, opts).to_pylist()
-    images = _images_byfile_stem(cfg.images, cfg.storage.options(cfg.images))
+    images = _images_by_stem(cfg.images, cfg.storage.options(cfg.images))
     gts = (
         pngs_by_stem(cfg.ground_truth, cfg.storage.options(cfg.ground_truth), "--ground-truth")
         if cfg.ground_truth
         else {}
     )
-    img_fs, _ = open_fs(cfg.images, cfg.storage.options(cfg.images))
 
     def maps(row):
         if row["pred_uri"]:
@@ -73,7 +74,9 @@ def render_sheet(cfg: PreviewConfig) -> dict:
     fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 3 * len(rows)), squeeze=False)
     for ax_row, r in zip(axes, rows, strict=True):
         soft, binary = maps(r)
-        image = decode_image(img_fs.cat_file(images[r["stem"]]), 10**9)
+        image = decode_image(
+            read_bytes_at(images[r["stem"]], cfg.storage.options(cfg.images)), 10**9
+        )
         image = np.asarray(Image.fromarray(image).resize((soft.shape[1], soft.shape[0])))
         overlay = image.astype(np.float32)
         overlay[binary] = 0.5 * overlay[binary] + 0.5 * np.array([255, 40, 40])
