@@ -82,6 +82,8 @@ def _timm_vit(name: str, pretrained: bool) -> torch.nn.Module:
         if "Unknown model" in str(err):
             raise ValueError(f"backbone.name {name!r} is not a timm model: {err}") from None
         raise
+    except TypeError:  # a timm model without ViT arguments (a CNN, say)
+        raise ValueError(f"backbone.name {name!r} is not a ViT; pick a timm ViT") from None
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
         raise ValueError(f"backbone.name {name!r} is not a ViT (no patch_embed/blocks)")
     return model

@@ -195,6 +195,126 @@ class PreviewConfig(Section):
     storage: StorageConfig = StorageConfig()
 
 
+class ModelConfig(Section):
+    """AutoSOD: ViT encoder, x2 pixel decoder, transformer decoder, mask and objectness heads."""
+
+    num_queries: int = Field(10, ge=1, le=200, description="N_q learnable object queries.")
+    decoder_layers: int = Field(6, ge=1, le=24, description="Transformer decoder layers.")
+    width: int = Field(384, ge=16, description="Decoder width (queries, pixel features, MLPs).")
+    heads: int = Field(8, ge=1, description="Attention heads in the decoder.")
+    ffn_width: int = Field(1536, ge=16, description="Hidden width of the decoder FFN.")
+    rank_weight: float = Field(
+        1.0, ge=0.0, description="lambda: weight of the objectness ranking loss."
+    )
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Inference: mask threshold.")
+
+    @field_validator("heads")
+    @classmethod
+    def _heads_divide_width(cls, v: int, info) -> int:
+        width = info.data.get("width", 384)
+        if width % v:
+            raise ValueError(f"heads={v} must divide width={width}")
+        return v
+
+
+class OptimConfig(Section):
+    """AdamW with linear warm-up and cosine decay, per-worker batches."""
+
+    batch_size: int = Field(8, ge=1, description="Images per worker per step.")
+    max_steps: int = Field(2000, ge=1, description="Optimiser steps in the whole run.")
+    lr: float = Field(1e-4, gt=0.0, description="Peak learning rate of the decoder and heads.")
+    encoder_lr: float = Field(1e-5, ge=0.0, description="Peak learning rate of the ViT encoder.")
+    freeze_encoder: bool = Field(False, description="Keep the encoder fixed (no gradients).")
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up from 0 to the peak.")
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="Cosine floor / peak.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Max global gradient norm; 0 disables.")
+
+
+class AugmentConfig(Section):
+    """CPU augmentation applied identically to the image and its pseudo-mask."""
+
+    crop_scale: tuple[float, float] = Field(
+        (0.5, 1.0), description="Random resized crop: area fraction range."
+    )
+    crop_ratio: tuple[float, float] = Field((0.75, 1.333), description="Aspect ratio range.")
+    flip: bool = Field(True, description="Random horizontal flip.")
+    color_jitter: float = Field(
+        0.2, ge=0.0, le=1.0, description="Brightness / contrast / saturation jitter strength."
+    )
+    min_fg_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Skip pseudo-masks with less foreground than this."
+    )
+    max_fg_fraction: float = Field(
+        1.0, ge=0.0, le=1.0, description="Skip pseudo-masks with more foreground than this."
+    )
+    batch_size: int = Field(16, ge=1, description="Rows per augmentation task.")
+
+
+class ScalingSection(Section):
+    """Ray Train workers: one per GPU, or CPU workers on gloo."""
+
+    num_workers: int = Field(1, ge=1, description="Data-parallel workers (DDP ranks).")
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="`auto`: GPUs when the cluster has them now."
+    )
+    cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="How workers are placed over nodes."
+    )
+
+
+class CheckpointSection(Section):
+    """Checkpoints under <output>/checkpoints and retries after failures."""
+
+    every_steps: int = Field(200, ge=1, description="Save every N optimiser steps (and at end).")
+    keep_last: int = Field(3, ge=1, description="Keep the last k checkpoints.")
+    max_failures: int = Field(3, ge=0, description="Worker-group restarts before giving up.")
+
+
+class ValidationSection(Section):
+    """Optional SOD metrics on a folder with ground truth, on rank 0."""
+
+    images: str | None = Field(None, description="Folder / URI of validation images.")
+    ground_truth: str | None = Field(None, description="Folder / URI of their mask PNGs.")
+    every_steps: int = Field(0, ge=0, description="Validate every N steps; 0: only at the end.")
+    limit: int = Field(100, ge=1, description="At most this many validation images.")
+
+
+class TrainConfig(Section):
+    """`jobs/train.py`: fit AutoSOD on pseudolabel output with Ray Train."""
+
+    pseudo_masks: str | None = Field(
+        None, description="pseudolabel output (its folder or its masks/ folder), local or URI."
+    )
+    output: str | None = Field(None, description="Folder / URI for checkpoints/, model/.")
+    seed: int = Field(0, description="Seed of the model's initial weights.")
+    log_every: int = Field(10, ge=1, description="Report metrics every N steps.")
+    backbone: BackboneConfig = BackboneConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    augment: AugmentConfig = AugmentConfig()
+    scaling: ScalingSection = ScalingSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    validation: ValidationSection = ValidationSection()
+    storage: StorageConfig = StorageConfig()
+
+
+class PredictConfig(Section):
+    """`jobs/predict.py`: label images with a trained AutoSOD model."""
+
+    model: str | None = Field(None, description="A train output's model/ folder (or URI).")
+    input: str | None = Field(None, description="Folder / URI of images, or a manifest file.")
+    output: str | None = Field(None, description="Folder / URI for masks/, errors/, run.json.")
+    overwrite: bool = Field(False, description="Replace an output made with another model.")
+    manifest_column: str = Field("uri", description="Manifest column that holds image URIs.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto")
+    max_pixels: int = Field(89_478_485, ge=1, description="Refuse larger images (bombs).")
+    pipeline: PipelineConfig = PipelineConfig()
+    storage: StorageConfig = StorageConfig()
+
+
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 

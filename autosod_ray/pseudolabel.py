@@ -14,22 +14,27 @@ import json
 import posixpath
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .backbone import check_weights_reachable, vit_geometry
-from .config import PseudolabelConfig
+from .config import PredictConfig, PseudolabelConfig
 from .data.parquet import TABLES, PseudoMaskDatasink, read_ids
 from .data.stages import ModelStage, decode, encode, read_bytes
 from .data.uris import InputError, list_inputs, open_fs
+
+# the jobs that label images into the pseudo-mask schema (pseudolabel, predict)
+JobConfig = PseudolabelConfig | PredictConfig
 
 
 class OutputError(ValueError):
     """A bad --output: e.g. made with another config and no --overwrite."""
 
 
-def check_output(cfg: PseudolabelConfig, config_hash: str) -> None:
+def check_output(cfg: JobConfig, config_hash: str) -> None:
     """Refuse an output written under another config unless overwrite; create it."""
     opts = cfg.storage.options(cfg.output)
     fs, root = open_fs(cfg.output, opts)
@@ -48,13 +53,13 @@ def check_output(cfg: PseudolabelConfig, config_hash: str) -> None:
     fs.makedirs(root, exist_ok=True)
 
 
-def write_run_json(cfg: PseudolabelConfig, config_hash: str, **extra) -> None:
+def write_run_json(cfg: JobConfig, config_hash: str, **extra) -> None:
     fs, root = open_fs(cfg.output, cfg.storage.options(cfg.output))
     record = {"config": cfg.model_dump(mode="json"), "config_hash": config_hash, **extra}
     fs.pipe_file(posixpath.join(root, "run.json"), json.dumps(record, indent=2).encode())
 
 
-def pending_inputs(cfg: PseudolabelConfig, config_hash: str) -> tuple[pa.Table, int]:
+def pending_inputs(cfg: JobConfig, config_hash: str) -> tuple[pa.Table, int]:
     """Inputs not yet in masks/ or errors/ under this config hash, and how many are done."""
     inputs = list_inputs(cfg.input, cfg.storage.options(cfg.input), cfg.manifest_column)
     opts = cfg.storage.options(cfg.output)
@@ -65,6 +70,19 @@ def pending_inputs(cfg: PseudolabelConfig, config_hash: str) -> tuple[pa.Table, 
         return inputs, 0
     todo = pc.invert(pc.is_in(inputs.column("image_id"), value_set=pa.array(sorted(done))))
     return inputs.filter(todo), inputs.num_rows - int(pc.sum(todo).as_py() or 0)
+
+
+@dataclass
+class Labelling:
+    """What a labelling job runs: POTNet here, a trained AutoSOD in predict."""
+
+    model_factory: Callable[[], Callable]  # built once per actor (ModelStage)
+    to_masks: Callable  # (saliency, height, width) -> (soft uint8, binary bool)
+    model_name: str  # the `backbone` column
+    config_hash: str  # what decides the masks; resume and --overwrite key on it
+    image_size: int
+    patch_size: int
+    max_pixels: int
 
 
 class _Labeller:
@@ -87,7 +105,7 @@ class _Labeller:
         return label
 
 
-def resolve_num_gpus(cfg: PseudolabelConfig) -> float:
+def resolve_num_gpus(cfg: JobConfig) -> float:
     import ray
 
     if cfg.pipeline.num_gpus != "auto":
@@ -95,10 +113,9 @@ def resolve_num_gpus(cfg: PseudolabelConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def build_dataset(
-    cfg: PseudolabelConfig, inputs: pa.Table, config_hash: str, image_size: int, patch_size: int
-):
-    """The pipeline as a short chain of named Ray Data stages.
+def build_dataset(cfg: JobConfig, inputs: pa.Table, labelling: Labelling):
+    """The pipeline as a short chain of named Ray Data stages (`cfg`: a pseudolabel or
+    predict config: input, pipeline, storage).
 
     Failures: Ray Data retries failed tasks and restarts killed actors (its
     defaults: without limit), and the sink's writes are idempotent.
@@ -106,9 +123,7 @@ def build_dataset(
     import ray
     from ray.data import ActorPoolStrategy
 
-    from .potnet.mask import mask_at_size
-
-    p = cfg.pipeline
+    p, lab = cfg.pipeline, labelling
     step = max(p.read_batch_size, -(-inputs.num_rows // 10_000))  # at most 10k input blocks
     ds = ray.data.from_arrow([inputs.slice(i, step) for i in range(0, inputs.num_rows, step)])
     ds = ds.map_batches(
@@ -123,16 +138,16 @@ def build_dataset(
         batch_format="numpy",
         num_cpus=p.decode_num_cpus,
         fn_kwargs={
-            "image_size": image_size,
-            "max_pixels": cfg.potnet.max_pixels,
-            "min_side": patch_size,
+            "image_size": lab.image_size,
+            "max_pixels": lab.max_pixels,
+            "min_side": lab.patch_size,
         },
     )
     ds = ds.map_batches(
         ModelStage,
         batch_size=p.potnet_batch_size,
         batch_format="numpy",
-        fn_constructor_args=(_Labeller(cfg),),
+        fn_constructor_args=(lab.model_factory,),
         compute=ActorPoolStrategy(min_size=p.pool_min, max_size=p.pool_max),
         num_gpus=resolve_num_gpus(cfg),
         num_cpus=p.num_cpus,
@@ -142,23 +157,43 @@ def build_dataset(
         batch_size=p.encode_batch_size,
         batch_format="numpy",
         fn_kwargs={
-            "to_masks": mask_at_size,
-            "backbone": cfg.backbone.name,
-            "config_hash": config_hash,
+            "to_masks": lab.to_masks,
+            "backbone": lab.model_name,
+            "config_hash": lab.config_hash,
         },
     )
     return ds
 
 
+def pseudolabelling(cfg: PseudolabelConfig) -> Labelling:
+    """POTNet as a Labelling; a bad backbone or unreachable weights fail here, before Ray."""
+    from .potnet.mask import mask_at_size
+
+    image_size, patch = vit_geometry(cfg.backbone)
+    check_weights_reachable(cfg.backbone, cfg.storage.options(cfg.backbone.weights or ""))
+    return Labelling(
+        model_factory=_Labeller(cfg),
+        to_masks=mask_at_size,
+        model_name=cfg.backbone.name,
+        config_hash=cfg.labelling_hash(),
+        image_size=image_size,
+        patch_size=patch,
+        max_pixels=cfg.potnet.max_pixels,
+    )
+
+
 def run_pseudolabel(cfg: PseudolabelConfig) -> dict:
     """Label every input not yet labelled; returns the run summary (also in run.json)."""
-    import ray
-
     if not cfg.input or not cfg.output:
         raise InputError("both --input and --output are required")
-    config_hash = cfg.labelling_hash()
-    image_size, patch = vit_geometry(cfg.backbone)  # a bad backbone name fails here, before Ray
-    check_weights_reachable(cfg.backbone, cfg.storage.options(cfg.backbone.weights or ""))
+    return run_labelling(cfg, pseudolabelling(cfg))
+
+
+def run_labelling(cfg: JobConfig, labelling: Labelling) -> dict:
+    """Label every input of `cfg` not yet in its output; the summary is also in run.json."""
+    import ray
+
+    config_hash = labelling.config_hash
     check_output(cfg, config_hash)
     inputs, already = pending_inputs(cfg, config_hash)
     total = inputs.num_rows + already
@@ -166,7 +201,7 @@ def run_pseudolabel(cfg: PseudolabelConfig) -> dict:
     start = time.perf_counter()
     if inputs.num_rows:
         ray.init(ignore_reinit_error=True)
-        ds = build_dataset(cfg, inputs, config_hash, image_size, patch)
+        ds = build_dataset(cfg, inputs, labelling)
         opts = cfg.storage.options(cfg.output)
         ds.write_datasink(PseudoMaskDatasink(cfg.output, opts, cfg.pipeline.rows_per_file))
     seconds = time.perf_counter() - start
@@ -191,13 +226,13 @@ def run_pseudolabel(cfg: PseudolabelConfig) -> dict:
     return summary
 
 
-def print_summary(summary: dict, file=sys.stdout) -> None:
+def print_summary(summary: dict, file=sys.stdout, job: str = "pseudolabel") -> None:
     rate = summary["images_per_second"] or "-"
     print(
         "\n".join(
             [
                 "",
-                f"pseudolabel {summary['status']}: {summary['inputs']} inputs",
+                f"{job} {summary['status']}: {summary['inputs']} inputs",
                 f"  labelled  {summary['labelled']}",
                 f"  errors    {summary['errors']}   (see errors/ for reasons)",
                 f"  skipped   {summary['skipped_already_done']}   (done by this config before)",

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -184,3 +185,54 @@ def ray_job_submit(ray_head, job: list[str], env_vars: dict | None = None):
         text=True,
         timeout=600,
     )
+
+
+def run_script(script: str, args: list[str], env: dict, timeout: int = 400):
+    """Run `python <script> ...` from the repo root; returns the finished process."""
+    return subprocess.run(
+        [sys.executable, script, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_script(script: str, args: list[str], env: dict) -> subprocess.Popen:
+    """Start `python <script> ...` in its own session (so a test can kill all of it)."""
+    return subprocess.Popen(
+        [sys.executable, script, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll `condition` until true; fail if `proc` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail("job ended before the failure could be injected:\n" + proc.stdout.read())
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for the job to make progress")
+        time.sleep(0.3)
+
+
+def head_process(ray_head, marker: str) -> int | None:
+    """PID of a process of our own Ray head whose command line contains `marker`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            mine = os.getsid(int(entry.name)) == ray_head["session"]
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if mine and marker in cmdline:
+            return int(entry.name)
+    return None

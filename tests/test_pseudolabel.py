@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, job_env, ray_job_submit
+from tests.conftest import (
+    head_process,
+    job_env,
+    ray_job_submit,
+    run_script,
+    start_script,
+    wait_for,
+)
 
 PHOTOS = ["0001", "0002", "0003", "0004", "0005", "0006"]
 GOOD = {  # image_id -> (height, width) after EXIF orientation
@@ -81,16 +87,8 @@ def dataset(tmp_path_factory, ecssd) -> Path:
     return root
 
 
-def run_job(args: list[str], env: dict, timeout: int = 400, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "jobs/pseudolabel.py", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kw,
-    )
+def run_job(args: list[str], env: dict, timeout: int = 400) -> subprocess.CompletedProcess:
+    return run_script("jobs/pseudolabel.py", args, env, timeout)
 
 
 def job_args(input_uri: str, output_uri: str, weights: Path, *extra: str) -> list[str]:
@@ -256,25 +254,7 @@ def slow_job_args(dataset, out, weights_path) -> list[str]:
 
 
 def _start_job(args, ray_head) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "jobs/pseudolabel.py", *args],
-        cwd=REPO,
-        env=job_env(RAY_ADDRESS=ray_head["address"]),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _wait_for(condition, proc, timeout=300):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail("job ended before the failure could be injected:\n" + proc.stdout.read())
-        if time.monotonic() > deadline:
-            pytest.fail("timed out waiting for the job to make progress")
-        time.sleep(0.3)
+    return start_script("jobs/pseudolabel.py", args, job_env(RAY_ADDRESS=ray_head["address"]))
 
 
 def _written(out: Path) -> int:
@@ -286,7 +266,7 @@ def test_killed_driver_then_rerun_ends_exactly_once(dataset, tmp_path, ray_head,
     out = tmp_path / "run"
     args = slow_job_args(dataset, out, weights_path)
     proc = _start_job(args, ray_head)
-    _wait_for(lambda: _written(out) >= 2, proc)
+    wait_for(lambda: _written(out) >= 2, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-write
     proc.wait()
     partial = _written(out)
@@ -305,20 +285,9 @@ def test_killed_actor_is_replaced_and_output_is_exactly_once(
     proc = _start_job(args, ray_head)
 
     def model_actor() -> int | None:
-        """PID of the POTNet actor's worker, among the processes of our own Ray head."""
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                mine = os.getsid(int(entry.name)) == ray_head["session"]
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if mine and "ModelStage" in cmdline:
-                return int(entry.name)
-        return None
+        return head_process(ray_head, "ModelStage")
 
-    _wait_for(lambda: _written(out) >= 1 and model_actor() is not None, proc)
+    wait_for(lambda: _written(out) >= 1 and model_actor() is not None, proc)
     os.kill(model_actor(), signal.SIGKILL)  # mid-run
     stdout, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, stdout[-4000:]

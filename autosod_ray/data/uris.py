@@ -24,6 +24,13 @@ def open_fs(uri: str, storage_options: dict):
     return fsspec.core.url_to_fs(uri, **storage_options)
 
 
+def absolute(uri: str | None) -> str | None:
+    """A relative local path -> absolute (workers may run in another folder); URIs as is."""
+    if not uri or "://" in uri:
+        return uri
+    return posixpath.abspath(uri)
+
+
 def full_uri(fs, path: str) -> str:
     """Path inside `fs` -> a URI any worker can open again."""
     protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol

@@ -1,0 +1,97 @@
+"""A trained AutoSOD model as a predictor: model/ folder in, masks out.
+
+`<train output>/model/` holds `model.safetensors` (every weight, encoder
+included) and `model.json` (the backbone and model config that rebuild it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import posixpath
+
+import numpy as np
+import torch
+
+from ..backbone import resolve_device
+from ..config import BackboneConfig, ModelConfig
+from ..data.uris import InputError, open_fs
+from ..potnet.mask import upsample
+from .autosod import AutoSOD, build_autosod, to_uint8_batch
+
+WEIGHTS, META = "model.safetensors", "model.json"
+
+
+def save_model(uri: str, state: dict[str, torch.Tensor], meta: dict, storage_options: dict) -> dict:
+    """Write weights + config to the folder `uri`; returns the metadata written."""
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+    meta = {**meta, "sha256": hashlib.sha256(blob).hexdigest()}
+    fs, root = open_fs(uri, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(posixpath.join(root, WEIGHTS), blob)
+    fs.pipe_file(posixpath.join(root, META), json.dumps(meta, indent=2).encode())
+    return meta
+
+
+def read_model_meta(uri: str, storage_options: dict) -> dict:
+    fs, root = open_fs(uri, storage_options)
+    path = posixpath.join(root.rstrip("/"), META)
+    if not fs.exists(path) or not fs.exists(posixpath.join(root.rstrip("/"), WEIGHTS)):
+        raise InputError(
+            f"--model {uri!r} is not a trained model folder (no {META} / {WEIGHTS}); "
+            "give the model/ folder that jobs/train.py wrote"
+        )
+    return json.loads(fs.cat_file(path))
+
+
+def load_model(uri: str, storage_options: dict) -> tuple[AutoSOD, dict]:
+    """Rebuild the network from model.json and load model.safetensors strictly."""
+    from safetensors.torch import load
+
+    meta = read_model_meta(uri, storage_options)
+    fs, root = open_fs(uri, storage_options)
+    state = load(fs.cat_file(posixpath.join(root.rstrip("/"), WEIGHTS)))
+    backbone = BackboneConfig.model_validate(meta["backbone"])
+    net = build_autosod(backbone, ModelConfig.model_validate(meta["model"]), pretrained=False)
+    net.load_state_dict(state, strict=True)
+    return net.eval(), meta
+
+
+def threshold_at_size(
+    prob: np.ndarray, height: int, width: int, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """h x w mask probability -> (soft uint8 H x W, binary bool H x W) at the image's size."""
+    soft = np.clip(upsample(prob, height, width), 0.0, 1.0)
+    return np.round(soft * 255).astype(np.uint8), soft > threshold
+
+
+class AutoSODPredictor:
+    """Batches of square uint8 images -> best-query mask probability and objectness."""
+
+    def __init__(
+        self, uri: str, storage_options: dict, device: str = "auto", precision: str = "auto"
+    ):
+        self.model, self.meta = load_model(uri, storage_options)
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.bfloat16 if bf16 else None
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """B x S x S x 3 uint8 -> (B x 2h x 2w float32 probability, B objectness)."""
+        x = to_uint8_batch(images).to(self.device)
+        ctx = (
+            torch.autocast(self.device.type, dtype=self.autocast)
+            if self.autocast
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            prob, obj = self.model.predict(x)
+        return prob.float().cpu().numpy(), obj.float().cpu().numpy()

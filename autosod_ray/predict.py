@@ -1,0 +1,64 @@
+"""The predict job: a trained AutoSOD model labels images into the pseudo-mask schema.
+
+The same pipeline as pseudolabel (list, read, decode, model actors, encode,
+Parquet with masks/ errors/ run.json, resume), with the trained network in the
+actor stage. `confidence` is the chosen query's objectness; `consistency_loss`
+is NaN (a POTNet quantity).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+
+import numpy as np
+
+from .backbone import snap_to_patch
+from .config import PredictConfig
+from .data.uris import InputError, absolute
+from .model.inference import AutoSODPredictor, read_model_meta, threshold_at_size
+from .pseudolabel import Labelling, run_labelling
+
+
+class _Predictor:
+    """Model factory for the actor stage: loads the trained model once per actor."""
+
+    def __init__(self, cfg: PredictConfig):
+        self.cfg = cfg
+
+    def __call__(self):
+        cfg = self.cfg
+        predictor = AutoSODPredictor(
+            cfg.model, cfg.storage.options(cfg.model), cfg.device, cfg.precision
+        )
+
+        def label(images):
+            prob, objectness = predictor(images)
+            return prob, objectness, np.full(len(prob), np.nan, np.float32)
+
+        return label
+
+
+def predict_labelling(cfg: PredictConfig) -> Labelling:
+    """The trained model as a Labelling; a missing or foreign model folder fails here."""
+    meta = read_model_meta(cfg.model, cfg.storage.options(cfg.model))
+    patch = int(meta["patch_size"])
+    identity = {"sha256": meta["sha256"], "threshold": meta["model"]["threshold"]}
+    return Labelling(
+        model_factory=_Predictor(cfg),
+        to_masks=functools.partial(threshold_at_size, threshold=meta["model"]["threshold"]),
+        model_name=f"autosod:{meta['backbone']['name']}",
+        config_hash=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
+        image_size=snap_to_patch(int(meta["image_size"]), patch),
+        patch_size=patch,
+        max_pixels=cfg.max_pixels,
+    )
+
+
+def run_predict(cfg: PredictConfig) -> dict:
+    """Label every input not yet labelled by this model; returns the run summary."""
+    if not cfg.model or not cfg.input or not cfg.output:
+        raise InputError("--model, --input and --output are all required")
+    cfg = cfg.model_copy(update={"model": absolute(cfg.model)})
+    return run_labelling(cfg, predict_labelling(cfg))

@@ -1,0 +1,1 @@
+"""Training AutoSOD with Ray Train: the per-worker loop, checkpoints, the driver."""

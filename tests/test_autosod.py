@@ -1,0 +1,184 @@
+"""AutoSOD's network, losses, augmentation, schedule and saved model (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from autosod_ray.config import BackboneConfig, ModelConfig, OptimConfig
+from autosod_ray.data.augment import augment_pair, color_jitter, random_resized_crop_box
+from autosod_ray.model import autosod_loss, build_autosod, dice_loss, ranking_loss
+from autosod_ray.model.autosod import AutoSODOutput
+from autosod_ray.model.inference import AutoSODPredictor, save_model, threshold_at_size
+from autosod_ray.train.loop import lr_factor, param_groups
+
+TINY = ModelConfig(num_queries=4, decoder_layers=2, width=32, heads=4, ffn_width=64)
+BIG = 30.0  # a logit whose sigmoid is 1 (or 0) to float precision
+
+
+def tiny_net(image_size=32, seed=0):
+    backbone = BackboneConfig(name="vit_tiny_patch16_224", image_size=image_size, device="cpu")
+    return build_autosod(backbone, TINY, pretrained=False, seed=seed)
+
+
+def test_dice_loss_on_hand_checked_masks():
+    target = torch.zeros(1, 2, 2)
+    target[0, 0, :] = 1  # two foreground pixels of four
+    logits = torch.full((1, 3, 2, 2), -BIG)
+    logits[0, 0, 0, :] = BIG  # query 0: exactly the target
+    logits[0, 1] = BIG  # query 1: everything
+    # query 2: nothing
+    got = dice_loss(logits, target, smooth=0.0)
+    # Dice = 1 - 2|p t| / (|p| + |t|): exact 0; all 1 - 4/6; empty 1 - 0/2
+    assert torch.allclose(got, torch.tensor([[0.0, 1 - 4 / 6, 1.0]]), atol=1e-6)
+    assert torch.allclose(dice_loss(logits, target)[0, 2], torch.tensor(1 - 1 / 3), atol=1e-6)
+
+
+def test_ranking_loss_penalises_only_misordered_pairs():
+    dice = torch.tensor([[0.1, 0.5, 0.3]])  # best query 0, then 2, then 1
+    in_order = torch.tensor([[0.9, 0.2, 0.5]])
+    assert ranking_loss(in_order, dice).item() == pytest.approx(0.0)
+    reversed_ = torch.tensor([[0.2, 0.9, 0.5]])  # ordered: 0.2, 0.5, 0.9
+    # pairs (i<j) in Dice order: 0.5-0.2 + 0.9-0.2 + 0.9-0.5
+    assert ranking_loss(reversed_, dice).item() == pytest.approx(0.3 + 0.7 + 0.4)
+    obj = reversed_.clone().requires_grad_(True)
+    d = dice.clone().requires_grad_(True)
+    ranking_loss(obj, d).backward()
+    assert d.grad is None or torch.all(d.grad == 0)  # the order is not differentiated
+    assert torch.allclose(obj.grad, torch.tensor([[-2.0, 2.0, 0.0]]))
+
+
+def test_autosod_loss_averages_layers_and_weights_the_ranking():
+    target = torch.zeros(2, 4, 4)
+    target[:, 1:3, 1:3] = 1
+    g = torch.Generator().manual_seed(0)
+    out = AutoSODOutput(torch.randn(3, 2, 5, 4, 4, generator=g), torch.randn(3, 2, 5, generator=g))
+    dice_only, parts = autosod_loss(out, target, rank_weight=0.0)
+    want = torch.stack([dice_loss(out.mask_logits[i], target).sum(1).mean() / 5 for i in range(3)])
+    assert dice_only.item() == pytest.approx(want.mean().item(), rel=1e-5)
+    both, parts2 = autosod_loss(out, target, rank_weight=2.0)
+    assert both.item() == pytest.approx(parts2["dice"] + 2.0 * parts2["rank"], rel=1e-5)
+    assert parts2["rank"] > 0
+    # a target at a finer grid is area-resized to the logits' grid
+    fine = target.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert autosod_loss(out, fine, 0.0)[0].item() == pytest.approx(dice_only.item(), rel=1e-5)
+
+
+def test_network_shapes_and_inference_picks_the_most_object_like_query():
+    net = tiny_net().eval()
+    images = torch.randint(0, 255, (2, 32, 32, 3), dtype=torch.uint8)
+    out = net(images)
+    assert out.mask_logits.shape == (2, 2, 4, 4, 4)  # L x B x Q x 2h x 2w (h = 32 / 16)
+    assert out.objectness_logits.shape == (2, 2, 4)
+    prob, obj = net.predict(images)
+    best = out.objectness_logits[-1].argmax(1)
+    for b in range(2):
+        want = out.mask_logits[-1, b, best[b]].sigmoid()
+        assert torch.allclose(prob[b], want, atol=1e-6)
+        assert obj[b] == pytest.approx(out.objectness_logits[-1, b].sigmoid().max().item())
+
+
+def test_saved_model_predicts_the_same(tmp_path):
+    net = tiny_net(seed=3).eval()
+    meta = {
+        "backbone": {"name": "vit_tiny_patch16_224", "image_size": 32, "device": "cpu"},
+        "model": TINY.model_dump(),
+        "image_size": 32,
+        "patch_size": 16,
+    }
+    save_model(str(tmp_path / "model"), net.state_dict(), meta, {})
+    predictor = AutoSODPredictor(str(tmp_path / "model"), {}, device="cpu")
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    prob, obj = predictor(images)
+    want, want_obj = net.predict(torch.as_tensor(images))
+    assert np.allclose(prob, want.numpy(), atol=1e-6) and np.allclose(obj, want_obj.numpy())
+    soft, binary = threshold_at_size(prob[0], 50, 70, 0.5)
+    assert soft.shape == binary.shape == (50, 70) and soft.dtype == np.uint8
+
+
+def test_overfits_a_fixed_batch_of_real_images(ecssd, weights_path):
+    """Frozen pretrained DINOv2 encoder: the decoder fits 4 real images' masks fast."""
+    backbone = BackboneConfig(
+        name="vit_small_patch14_dinov2.lvd142m", weights=str(weights_path), image_size=112
+    )
+    cfg = ModelConfig(num_queries=5, decoder_layers=2, width=128, heads=4, ffn_width=256)
+    torch.manual_seed(0)
+    net = build_autosod(backbone, cfg, seed=0)
+    net.encoder.requires_grad_(False).eval()
+    stems = ["0001", "0002", "0003", "0004"]
+    images = np.stack(
+        [
+            np.asarray(Image.open(ecssd / "images" / f"{s}.jpg").convert("RGB").resize((112, 112)))
+            for s in stems
+        ]
+    )
+    masks = np.stack(
+        [
+            np.asarray(Image.open(ecssd / "masks" / f"{s}.png").convert("L").resize((112, 112)))
+            for s in stems
+        ]
+    )
+    x, y = torch.as_tensor(images), torch.as_tensor(masks > 127).float()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(40):
+        loss, _ = autosod_loss(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 4, losses[::5]
+    prob, _ = net.eval().predict(x)
+    small = torch.nn.functional.interpolate(y[:, None], size=prob.shape[-2:], mode="area")[:, 0]
+    inter = ((prob > 0.5) & (small > 0.5)).sum((1, 2)).float()
+    union = ((prob > 0.5) | (small > 0.5)).sum((1, 2)).float()
+    assert (inter / union).mean() > 0.8
+
+
+def test_crop_boxes_stay_inside_and_cover_the_asked_area():
+    rng = np.random.default_rng(0)
+    for h, w in [(100, 150), (300, 40), (8, 8)]:
+        for _ in range(200):
+            top, left, bh, bw = random_resized_crop_box(h, w, (0.3, 1.0), (0.75, 1.33), rng)
+            assert 0 <= top and top + bh <= h and 0 <= left and left + bw <= w and bh > 0 < bw
+
+
+def test_augmentation_keeps_image_and_mask_aligned():
+    """The mask is a function of the image's red channel: it must stay so after augmenting."""
+    rng = np.random.default_rng(1)
+    h, w = 90, 120
+    red = np.zeros((h, w), np.uint8)
+    red[20:70, 30:100] = 255
+    red[40:50, 5:25] = 255
+    image = np.stack([red, np.full_like(red, 80), np.full_like(red, 40)], -1)
+    mask = (red > 0).astype(np.uint8)
+    for _ in range(20):
+        a, m = augment_pair(image, mask, 64, (0.3, 1.0), (0.75, 1.33), True, 0.0, rng)
+        assert a.shape == (64, 64, 3) and m.shape == (64, 64) and set(np.unique(m)) <= {0, 1}
+        assert ((a[..., 0] > 127) == (m == 1)).mean() > 0.97
+    jittered = color_jitter(image, 0.4, np.random.default_rng(2))
+    assert jittered.shape == image.shape and not np.array_equal(jittered, image)
+    assert np.array_equal(color_jitter(image, 0.0, rng), image)
+
+
+def test_warmup_then_cosine_schedule():
+    optim = OptimConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, optim) == pytest.approx(0.1) and lr_factor(9, optim) == pytest.approx(1.0)
+    assert lr_factor(10, optim) == pytest.approx(1.0)
+    assert lr_factor(60, optim) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, optim) == pytest.approx(0.1)
+    factors = [lr_factor(s, optim) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(factors, factors[1:], strict=False))
+
+
+def test_encoder_has_its_own_rate_or_is_frozen():
+    net = tiny_net()
+    groups = param_groups(net, OptimConfig(lr=1e-3, encoder_lr=1e-5))
+    rates = {g["name"]: g["lr"] for g in groups}
+    assert rates["encoder"] == 1e-5 and rates["decoder"] == 1e-3
+    n_params = sum(p.numel() for g in groups for p in g["params"])
+    assert n_params == sum(p.numel() for p in net.parameters())
+    frozen = param_groups(net, OptimConfig(freeze_encoder=True))
+    assert {g["name"] for g in frozen} == {"decoder", "decoder_no_decay"}

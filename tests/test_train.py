@@ -1,0 +1,241 @@
+"""train and predict end to end: Ray Train (DDP on gloo) on a real local Ray head,
+real pseudo-masks of real photos, checkpoints, failures, S3 via moto."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from autosod_ray.config import PredictConfig, TrainConfig, load_config
+from autosod_ray.data.uris import InputError
+from autosod_ray.predict import run_predict
+from autosod_ray.train.run import run_train
+from tests.conftest import (
+    job_env,
+    ray_job_submit,
+    run_script,
+    start_script,
+    wait_for,
+)
+
+N_IMAGES = 16
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, ecssd) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    for i in range(1, N_IMAGES + 1):
+        shutil.copy(ecssd / "images" / f"{i:04d}.jpg", root / f"{i:04d}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pseudo_masks(photos, tmp_path_factory, ray_head, weights_path) -> Path:
+    """Real POTNet pseudo-masks of the photos, made by the pseudolabel job."""
+    out = tmp_path_factory.mktemp("pseudo") / "run"
+    args = ["--config", "configs/smoke.yaml", "--input", str(photos), "--output", str(out)]
+    args += ["--set", f"backbone.weights={weights_path}"]
+    res = run_script("jobs/pseudolabel.py", args, job_env(RAY_ADDRESS=ray_head["address"]))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out
+
+
+def train_args(pseudo: str, out: str, weights_path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        "configs/train-smoke.yaml",
+        "--pseudo-masks",
+        pseudo,
+        "--output",
+        out,
+        "--set",
+        f"backbone.weights={weights_path}",
+        *extra,
+    ]
+
+
+def checkpoints(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "checkpoints").glob("checkpoint_*") if p.is_dir())
+
+
+def check_predictions(masks: pd.DataFrame, photos: Path) -> None:
+    """One row per photo, binary masks at each photo's own size."""
+    assert sorted(masks.image_id) == sorted(p.name for p in photos.glob("*.jpg"))
+    for _, row in masks.iterrows():
+        h, w = Image.open(photos / row.image_id).size[::-1]
+        mask = np.asarray(Image.open(io.BytesIO(row.mask_png)))
+        assert mask.shape == (h, w) == (row.height, row.width)
+        assert set(np.unique(mask)) <= {0, 255}
+        assert 0 <= row.confidence <= 1 and np.isnan(row.consistency_loss)
+    assert masks.backbone.str.startswith("autosod:").all()
+
+
+def test_train_two_workers_validate_resume_then_predict(
+    pseudo_masks, photos, tmp_path, ray_head, weights_path, ecssd
+):
+    out = tmp_path / "train"
+    env = job_env(RAY_ADDRESS=ray_head["address"])
+    val = ["--set", f"validation.images={ecssd / 'images'}"]
+    val += ["--set", f"validation.ground_truth={ecssd / 'masks'}", "--set", "validation.limit=4"]
+    val += ["--set", "validation.every_steps=3"]
+    res = run_script(
+        "jobs/train.py", train_args(str(pseudo_masks), str(out), weights_path, *val), env
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["steps"] == 6 and summary["status"] == "complete"
+    m = summary["metrics"]
+    assert np.isfinite(m["loss"]) and m["images_per_second"] > 0
+    assert 0 <= m["val_maxF"] <= 1 and 0 <= m["val_MAE"] <= 1  # validated at the end
+    assert len(checkpoints(out)) == 2  # keep_last
+    meta = json.loads((out / "model" / "model.json").read_text())
+    assert meta["steps"] == 6 and meta["backbone"]["weights"] is None  # all weights are ours
+
+    # the same command with a longer schedule continues from the last checkpoint
+    more = train_args(str(pseudo_masks), str(out), weights_path, "--set", "optim.max_steps=8")
+    res = run_script("jobs/train.py", more, env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "resumed from step 6" in res.stdout + res.stderr
+    assert json.loads((out / "train.json").read_text())["steps"] == 8
+
+    # predict: every photo gets a mask at its own size; a corrupt file an errors row
+    images = tmp_path / "new"
+    shutil.copytree(photos, images)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    pred = tmp_path / "pred"
+    args = ["--model", str(out / "model"), "--input", str(images), "--output", str(pred)]
+    res = run_script("jobs/predict.py", args, env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    check_predictions(pd.read_parquet(pred / "masks"), photos)
+    errors = pd.read_parquet(pred / "errors")
+    assert list(errors.image_id) == ["broken.jpg"]
+    again = run_script("jobs/predict.py", args, env)  # resumes: nothing left to do
+    assert (
+        again.returncode == 0
+        and json.loads((pred / "run.json").read_text())["skipped_already_done"] == N_IMAGES + 1
+    )
+
+
+def train_worker_pid(ray_head) -> int | None:
+    """PID of a live Ray Train worker, from Ray's state API."""
+    from ray.util.state import list_actors
+
+    alive = list_actors(
+        address=ray_head["dashboard"],
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
+    return alive[0].pid if alive else None
+
+
+def test_killed_worker_resumes_from_its_checkpoint(pseudo_masks, tmp_path, ray_head, weights_path):
+    out = tmp_path / "train"
+    args = train_args(
+        str(pseudo_masks),
+        str(out),
+        weights_path,
+        "--set",
+        "optim.max_steps=12",
+        "--set",
+        "optim.batch_size=2",
+        "--set",
+        "checkpoint.every_steps=2",
+    )
+    proc = start_script("jobs/train.py", args, job_env(RAY_ADDRESS=ray_head["address"]))
+    # a checkpoint counts once Ray Train has registered it (its snapshot names it)
+    snapshot = out / "checkpoints" / "checkpoint_manager_snapshot.json"
+    registered = lambda: snapshot.exists() and "checkpoint_dir_name" in snapshot.read_text()  # noqa: E731
+    wait_for(lambda: registered() and train_worker_pid(ray_head), proc)
+    os.kill(train_worker_pid(ray_head), signal.SIGKILL)  # one DDP rank dies mid-run
+    stdout, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-5000:]
+    assert "train: resumed from step" in stdout
+    resumed = int(stdout.split("train: resumed from step ")[1].split()[0])
+    assert 2 <= resumed < 12
+    assert json.loads((out / "train.json").read_text())["steps"] == 12
+
+
+def test_ray_job_submit_train_and_predict_on_s3(pseudo_masks, photos, s3, ray_head, weights_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3["endpoint"], key="testing", secret="testing")
+    fs.mkdir("data")
+    fs.put(str(photos), "data/images", recursive=True)
+    # the pseudo-masks, as if pseudolabel had read the photos from S3
+    table = pq.read_table(pseudo_masks / "masks")
+    uris = [f"s3://data/images/{i}" for i in table.column("image_id").to_pylist()]
+    table = table.set_column(
+        table.schema.get_field_index("source_uri"), "source_uri", pa.array(uris)
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs.pipe_file("data/run1/masks/part-0.parquet", buf.getvalue())
+
+    endpoint = ["--set", f"storage.endpoint_url={s3['endpoint']}"]
+    args = train_args("s3://data/run1", "s3://data/train1", weights_path, *endpoint)
+    args += ["--set", "optim.max_steps=4"]
+    res = ray_job_submit(ray_head, ["jobs/train.py", *args], env_vars=s3["env"])
+    assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
+    assert json.loads(fs.cat_file("data/train1/train.json"))["steps"] == 4
+    assert fs.exists("data/train1/model/model.safetensors")
+    assert len(fs.glob("data/train1/checkpoints/checkpoint_*/state.pt")) == 2
+
+    args = ["--model", "s3://data/train1/model", "--input", "s3://data/images"]
+    args += ["--output", "s3://data/pred1", *endpoint]
+    res = ray_job_submit(ray_head, ["jobs/predict.py", *args], env_vars=s3["env"])
+    assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
+    masks = pd.concat(
+        pd.read_parquet(io.BytesIO(fs.cat_file(p))) for p in fs.glob("data/pred1/masks/*.parquet")
+    )
+    check_predictions(masks, photos)
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        ([], "holds no Parquet files"),
+        (["validation.images=IMAGES"], "needs both validation.images and"),
+        (["backbone.name=resnet50"], "is not a ViT"),
+        (["backbone.weights=/nowhere/w.safetensors"], "no file at"),
+    ],
+)
+def test_bad_train_inputs_fail_before_ray(sets, message, tmp_path, weights_path, ecssd):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    overrides = [f"pseudo_masks={empty}", f"output={tmp_path / 'out'}"]
+    overrides += [f"backbone.weights={weights_path}"]
+    overrides += [s.replace("IMAGES", str(ecssd / "images")) for s in sets]
+    if sets:  # pseudo-masks that pass, so that the check under test fires
+        overrides[0] = f"pseudo_masks={_fake_masks(tmp_path)}"
+    cfg = load_config(TrainConfig, "configs/train-smoke.yaml", overrides)
+    with pytest.raises((InputError, ValueError, FileNotFoundError), match=message):
+        run_train(cfg)
+
+
+def _fake_masks(tmp_path: Path) -> Path:
+    root = tmp_path / "pl"
+    (root / "masks").mkdir(parents=True)
+    pq.write_table(pa.table({"image_id": ["a"]}), root / "masks" / "part-0.parquet")
+    return root
+
+
+def test_predict_refuses_a_folder_that_is_not_a_model(tmp_path, photos):
+    cfg = PredictConfig(model=str(tmp_path), input=str(photos), output=str(tmp_path / "o"))
+    with pytest.raises(InputError, match="not a trained model folder"):
+        run_predict(cfg)
+    res = run_script(
+        "jobs/predict.py",
+        ["--model", str(tmp_path), "--input", str(photos), "--output", str(tmp_path / "o")],
+        job_env(),
+    )
+    assert res.returncode == 2 and "not a trained model folder" in res.stderr
