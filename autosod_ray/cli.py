@@ -29,6 +29,27 @@ def job_parser(description: str, default_config: str) -> argparse.ArgumentParser
     return p
 
 
+def add_labelling_args(p: argparse.ArgumentParser, source: str) -> None:
+    """--input / --output / --overwrite of the jobs that write pseudo-mask Parquet."""
+    p.add_argument("--input", help="folder, URI (s3://, gs://, file://) or manifest of images")
+    p.add_argument("--output", help="folder or URI for masks/, errors/ and run.json")
+    p.add_argument(
+        "--overwrite", action="store_true", help=f"replace an output written by another {source}"
+    )
+
+
+def config_overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> list[str]:
+    """--set values, then each given flag in `keys` as `key=value` (flags win)."""
+    overrides = list(args.set)
+    for key in keys:
+        value = getattr(args, key)
+        if value is True:
+            overrides.append(f"{key}=true")
+        elif value is not None and value is not False:
+            overrides.append(f"{key}={value}")
+    return overrides
+
+
 def run_job(main: Callable[[], int]) -> None:
     """Run a job's main; a user error becomes one clear line and exit status 2."""
     from .data.uris import InputError

@@ -5,7 +5,7 @@ python jobs/evaluate.py --predictions URI --ground-truth URI --output metrics.js
 
 import json
 
-from autosod_ray.cli import job_parser, run_job
+from autosod_ray.cli import config_overrides, job_parser, run_job
 from autosod_ray.config import EvaluateConfig, load_config
 from autosod_ray.evaluate import run_evaluate
 from autosod_ray.metrics import METRIC_KEYS
@@ -17,10 +17,7 @@ def main() -> int:
     p.add_argument("--ground-truth", help="folder or URI of ground-truth mask PNGs")
     p.add_argument("--output", help="metrics.json path or URI")
     args = p.parse_args()
-    overrides = list(args.set)
-    for key in ("predictions", "ground_truth", "output"):
-        if getattr(args, key):
-            overrides.append(f"{key}={getattr(args, key)}")
+    overrides = config_overrides(args, ("predictions", "ground_truth", "output"))
     metrics = run_evaluate(load_config(EvaluateConfig, args.config, overrides))
     print(
         json.dumps(

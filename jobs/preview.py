@@ -4,7 +4,7 @@
         --output sheet.png [--n 24] [--worst]
 """
 
-from autosod_ray.cli import job_parser, run_job
+from autosod_ray.cli import config_overrides, job_parser, run_job
 from autosod_ray.config import PreviewConfig, load_config
 from autosod_ray.preview import render_sheet
 
@@ -18,12 +18,9 @@ def main() -> int:
     p.add_argument("--n", type=int)
     p.add_argument("--worst", action="store_true")
     args = p.parse_args()
-    overrides = list(args.set)
-    for key in ("predictions", "images", "ground_truth", "output", "n"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}={getattr(args, key)}")
-    if args.worst:
-        overrides.append("worst=true")
+    overrides = config_overrides(
+        args, ("predictions", "images", "ground_truth", "output", "n", "worst")
+    )
     result = render_sheet(load_config(PreviewConfig, args.config, overrides))
     print(f"wrote {result['rows']} rows to {result['output']}")
     return 0

@@ -4,7 +4,7 @@ python jobs/train.py --pseudo-masks DIR_OR_URI --output DIR_OR_URI [--config FIL
 ray job submit --working-dir . -- python jobs/train.py --pseudo-masks s3://... --output s3://...
 """
 
-from autosod_ray.cli import job_parser, run_job
+from autosod_ray.cli import config_overrides, job_parser, run_job
 from autosod_ray.config import TrainConfig, load_config
 from autosod_ray.train.run import print_train_summary, run_train
 
@@ -14,11 +14,7 @@ def main() -> int:
     p.add_argument("--pseudo-masks", help="pseudolabel output folder / URI (or its masks/)")
     p.add_argument("--output", help="folder or URI for checkpoints/, model/ and train.json")
     args = p.parse_args()
-    overrides = list(args.set)
-    if args.pseudo_masks:
-        overrides.append(f"pseudo_masks={args.pseudo_masks}")
-    if args.output:
-        overrides.append(f"output={args.output}")
+    overrides = config_overrides(args, ("pseudo_masks", "output"))
     print_train_summary(run_train(load_config(TrainConfig, args.config, overrides)))
     return 0
 

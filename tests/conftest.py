@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -106,38 +107,41 @@ def s3(monkeypatch):
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
-    """A Ray head with its dashboard (for `ray job submit`), stopped by its own process group."""
-    port, dash = free_port(), free_port()
-    temp = tmp_path_factory.mktemp("ray")
-    log = open(temp / "head.log", "w")  # noqa: SIM115 - closed at teardown
+def start_ray_node(
+    args: list[str], log_path: Path, env: dict | None = None
+) -> tuple[subprocess.Popen, object]:
+    """`ray start --block ...` in its own session, so the test can stop exactly it."""
+    log = open(log_path, "w")  # noqa: SIM115 - closed by stop_ray_node
     proc = subprocess.Popen(
-        [
-            "ray",
-            "start",
-            "--head",
-            "--block",
-            "--port",
-            str(port),
-            "--node-ip-address",
-            "127.0.0.1",
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dash),
-            "--include-dashboard",
-            "true",
-            "--num-cpus",
-            "4",
-            "--temp-dir",
-            str(temp),
-        ],
-        env=job_env(),
+        ["ray", "start", "--block", *args],
+        env=env or job_env(),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    return proc, log
+
+
+def stop_ray_node(proc: subprocess.Popen, log, sig=signal.SIGTERM) -> None:
+    """Stop a node by its own process group (never `ray stop`, which stops every Ray)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log.close()
+
+
+def start_ray_head(temp: Path, num_cpus: int, *extra: str, env: dict | None = None) -> dict:
+    """A Ray head on 127.0.0.1 with its dashboard (for `ray job submit`), ready to use."""
+    port, dash = free_port(), free_port()
+    args = ["--head", "--port", str(port), "--node-ip-address", "127.0.0.1"]
+    args += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)]
+    args += ["--include-dashboard", "true", "--num-cpus", str(num_cpus)]
+    args += ["--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(temp), *extra]
+    proc, log = start_ray_node(args, temp / "head.log", env)
     url = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 120
     while True:
@@ -146,17 +150,24 @@ def ray_head(tmp_path_factory):
             break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                log.close()
+                stop_ray_node(proc, log)
                 pytest.fail("ray head did not start:\n" + (temp / "head.log").read_text()[-3000:])
             time.sleep(1)
-    yield {"address": f"127.0.0.1:{port}", "dashboard": url, "session": proc.pid}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    log.close()
+    return {
+        "address": f"127.0.0.1:{port}",
+        "dashboard": url,
+        "session": proc.pid,
+        "proc": proc,
+        "log": log,
+    }
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A one-node Ray head with 4 logical CPUs, shared by the job tests."""
+    head = start_ray_head(tmp_path_factory.mktemp("ray"), 4)
+    yield head
+    stop_ray_node(head["proc"], head["log"])
 
 
 # our metric keys -> PySODMetrics' names in version_performance.json
@@ -236,3 +247,11 @@ def head_process(ray_head, marker: str) -> int | None:
         if mine and marker in cmdline:
             return int(entry.name)
     return None
+
+
+def copy_photos(root: Path, ecssd: Path, n: int) -> Path:
+    """The first `n` ECSSD photos (0001.jpg ...) copied into `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(1, n + 1):
+        shutil.copy(ecssd / "images" / f"{i:04d}.jpg", root / f"{i:04d}.jpg")
+    return root

@@ -278,3 +278,25 @@ def test_ncut_orientations_pick_the_attended_side():
     # inverting the attention inverts the attention orientation only
     flipped = ncut_bipartition(x, 0.2, 1.0 - attn, "attention").foreground
     assert ((flipped == ~fg[None]).mean(-1) > 0.95).all()
+
+
+def test_lanczos_path_finds_the_same_eigenvectors_as_lapack():
+    """Above LANCZOS_MIN_N rows the numpy backend switches to ARPACK: same subspace."""
+    import scipy.linalg
+
+    from autosod_ray.potnet.backend import ARRAY_BACKENDS, LANCZOS_MIN_N
+
+    rng = np.random.default_rng(0)
+    n = LANCZOS_MIN_N + 100
+    centres = rng.standard_normal((3, 32))
+    x = centres[rng.integers(0, 3, n)] + 0.5 * rng.standard_normal((n, 32))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    w = np.where(x @ x.T > 0.2, 1.0, 1e-5)
+    d = 1 / np.sqrt(w.sum(1))
+    sym = (w * d[:, None] * d[None]).astype(np.float32)
+    got = ARRAY_BACKENDS["numpy"].top_eigenvectors(sym[None], 2)[0]
+    _, want = scipy.linalg.eigh(sym.astype(np.float64), subset_by_index=[n - 2, n - 1])
+    for j in range(2):
+        assert abs(got[:, j] @ want[:, 1 - j]) > 0.999
+    again = ARRAY_BACKENDS["numpy"].top_eigenvectors(sym[None], 2)[0]
+    assert np.array_equal(got, again)  # deterministic start vector

@@ -22,6 +22,7 @@ from autosod_ray.data.uris import InputError
 from autosod_ray.predict import run_predict
 from autosod_ray.train.run import run_train
 from tests.conftest import (
+    copy_photos,
     job_env,
     ray_job_submit,
     run_script,
@@ -34,10 +35,7 @@ N_IMAGES = 16
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory, ecssd) -> Path:
-    root = tmp_path_factory.mktemp("photos")
-    for i in range(1, N_IMAGES + 1):
-        shutil.copy(ecssd / "images" / f"{i:04d}.jpg", root / f"{i:04d}.jpg")
-    return root
+    return copy_photos(tmp_path_factory.mktemp("photos"), ecssd, N_IMAGES)
 
 
 @pytest.fixture(scope="module")
