@@ -7,8 +7,9 @@ In one run, on one machine, with the same images, resolution and batch size:
 - backbone_ips: the backbone forward pass alone on decoded, resized uint8 batches;
 - potnet_ips: POTNet alone on those batches' precomputed features;
 - pipeline_ips: the whole pseudolabel job (`python jobs/pseudolabel.py`: list,
-  read, decode, backbone + POTNet, encode, write Parquet) in steady state: images
-  written after its first output file, over the time since that file;
+  read, decode, backbone + POTNet, encode, write Parquet) in steady state: the
+  job runs on all N images and on the first N / 4; start-up (Ray, model load)
+  is the same in both, so (N - N / 4) / (t_N - t_N/4) is its marginal rate;
 - ratio = pipeline_ips / backbone_ips; peak_rss_mb / peak_pss_mb: the most
   memory the job's processes (the driver and every Ray process it started) held
   at once, sampled every 0.2 s (RSS double-counts shared pages; PSS does not).
@@ -100,7 +101,7 @@ def _memory_mb(pids: list[int]) -> tuple[float, float]:
 
 
 def time_pipeline(paths: list[Path], config: str, sets: list[str], batch: int) -> dict:
-    """Run the pseudolabel job on `paths`; steady-state images/s and peak memory."""
+    """Run the pseudolabel job on `paths`: its wall time and peak memory."""
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "images"
         inputs.mkdir()
@@ -131,18 +132,22 @@ def time_pipeline(paths: list[Path], config: str, sets: list[str], batch: int) -
         sampler.join()
         if proc.returncode != 0:
             raise RuntimeError("pseudolabel failed:\n" + log[-3000:])
-        import pyarrow.parquet as pq
+        return {"seconds": total_s, "peak_rss_mb": peak[0], "peak_pss_mb": peak[1]}
 
-        files = sorted((out / "masks").glob("part-*.parquet"), key=lambda p: p.stat().st_mtime)
-        rows = [pq.read_metadata(f).num_rows for f in files]
-        span = files[-1].stat().st_mtime - files[0].stat().st_mtime
-        steady = (sum(rows) - rows[0]) / span if len(files) > 1 and span > 0 else float("nan")
-        return {
-            "pipeline_ips": steady,
-            "pipeline_ips_with_startup": len(paths) / total_s,
-            "peak_rss_mb": peak[0],
-            "peak_pss_mb": peak[1],
-        }
+
+def pipeline(paths: list[Path], config: str, sets: list[str], batch: int) -> dict:
+    """Steady-state images/s of the job (start-up cancels out) and its peak memory."""
+    few = paths[: max(2 * batch, len(paths) // 4)]
+    small = time_pipeline(few, config, sets, batch)
+    full = time_pipeline(paths, config, sets, batch)
+    return {
+        "pipeline_ips": (len(paths) - len(few)) / max(full["seconds"] - small["seconds"], 1e-9),
+        "pipeline_ips_with_startup": len(paths) / full["seconds"],
+        "pipeline_startup_s": small["seconds"]
+        - len(few) * (full["seconds"] - small["seconds"]) / (len(paths) - len(few)),
+        "peak_rss_mb": full["peak_rss_mb"],
+        "peak_pss_mb": full["peak_pss_mb"],
+    }
 
 
 def potnet_scaling(cfg: PseudolabelConfig, paths: list[Path], sizes=(224, 320, 448, 640)) -> list:
@@ -195,6 +200,8 @@ def main() -> int:
     p.add_argument("--json")
     p.add_argument("--scaling", action="store_true", help="POTNet cost against tokens")
     p.add_argument("--skip-pipeline", action="store_true")
+    p.add_argument("--pipeline-only", action="store_true", help="the job once (memory runs)")
+    p.add_argument("--skip-stages", action="store_true", help="no backbone / POTNet alone")
     p.add_argument("--scaling-limit", type=int, default=16)
     args = p.parse_args()
     cfg = load_config(PseudolabelConfig, args.config, args.set)
@@ -207,11 +214,15 @@ def main() -> int:
         "backbone": cfg.backbone.name,
         "cpu_count": os.cpu_count(),
     }
-    if not args.skip_pipeline:  # first, on a quiet machine
-        result.update(time_pipeline(paths, args.config, args.set, batch))
-    labeller = PseudoLabeller(cfg.backbone, cfg.potnet)
-    result.update(time_stages(labeller, decoded(paths, labeller.image_size), batch))
-    if "pipeline_ips" in result:
+    if args.pipeline_only:  # memory runs: the job once, on all the images
+        run = time_pipeline(paths, args.config, args.set, batch)
+        result.update(pipeline_ips_with_startup=len(paths) / run.pop("seconds"), **run)
+    elif not args.skip_pipeline:  # first, on a quiet machine
+        result.update(pipeline(paths, args.config, args.set, batch))
+    if not (args.pipeline_only or args.skip_stages):
+        labeller = PseudoLabeller(cfg.backbone, cfg.potnet)
+        result.update(time_stages(labeller, decoded(paths, labeller.image_size), batch))
+    if "pipeline_ips" in result and "backbone_ips" in result:
         result["ratio"] = result["pipeline_ips"] / result["backbone_ips"]
     if args.scaling:
         result["scaling"] = potnet_scaling(cfg, paths[: args.scaling_limit])

@@ -30,7 +30,8 @@ N_IMAGES = 12
 # and a CPU left on each for the other stages
 NODE_CPUS = 3
 SPREAD = ["--set", "pipeline.num_cpus=2", "--set", "pipeline.pool_min=2"]
-SPREAD += ["--set", "pipeline.read_batch_size=1"]  # one block per image: work to spread
+# one block per image (read and decode batches fuse): work to spread
+SPREAD += ["--set", "pipeline.read_batch_size=1", "--set", "pipeline.decode_batch_size=1"]
 SPREAD += ["--set", "pipeline.pool_max=3"]
 
 
@@ -59,11 +60,6 @@ def cluster(tmp_path_factory):
         for proc, log in nodes.values():
             stop_ray_node(proc, log)
         stop_ray_node(head["proc"], head["log"])
-
-
-def written(out: Path) -> int:
-    masks = out / "masks"
-    return len(list(masks.glob("part-*.parquet"))) if masks.exists() else 0
 
 
 def _alive_nodes(head) -> list:
@@ -104,9 +100,9 @@ def pseudolabel_args(photos: Path, out: Path, weights_path, *extra: str) -> list
     return [*args, "--set", f"backbone.weights={weights_path}", *SPREAD, *extra]
 
 
-def exactly_once(out: Path) -> None:
+def exactly_once(out: Path, n: int = N_IMAGES) -> None:
     masks = pd.read_parquet(out / "masks")
-    assert sorted(masks.image_id) == [f"{i:04d}.jpg" for i in range(1, N_IMAGES + 1)]
+    assert sorted(masks.image_id) == [f"{i:04d}.jpg" for i in range(1, n + 1)]
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "complete" and run["duplicates"] == 0 and run["missing"] == 0
 
@@ -140,23 +136,25 @@ def test_train_workers_on_different_nodes(cluster, pseudo_masks, tmp_path, weigh
     assert json.loads((out / "train.json").read_text())["steps"] == 3
 
 
-def _node_id(head, resource: str) -> str:
-    return next(n.node_id for n in _alive_nodes(head) if resource in (n.resources_total or {}))
-
-
-def _alive_actor_on(head, marker: str, node_id: str) -> bool:
+def _worker_node_with_actor(head, marker: str) -> tuple[str, str] | None:
+    """(name, node id) of a non-head node where an actor named `marker` is alive."""
     from ray.util.state import list_actors
 
-    return any(
-        marker in a.class_name and a.node_id == node_id and a.state == "ALIVE"
-        for a in list_actors(address=head["dashboard"], limit=10_000)
-    )
+    names = {}
+    for n in _alive_nodes(head):
+        for name in ("w1", "w2"):
+            if f"node_{name}" in (n.resources_total or {}):
+                names[n.node_id] = name
+    for a in list_actors(address=head["dashboard"], limit=10_000):
+        if marker in a.class_name and a.state == "ALIVE" and a.node_id in names:
+            return names[a.node_id], a.node_id
+    return None
 
 
-def test_losing_a_node_mid_job_still_ends_exactly_once(cluster, photos, tmp_path, weights_path):
-    """Runs last: it takes node w2 away for good, while a POTNet actor works on it."""
+def test_losing_a_node_mid_job_still_ends_exactly_once(cluster, ecssd, tmp_path, weights_path):
+    """Runs last: it takes a worker node away for good, while a POTNet actor is on it."""
     out = tmp_path / "run"
-    w2 = _node_id(cluster, "node_w2")
+    photos = copy_photos(tmp_path / "photos", ecssd, 3 * N_IMAGES)  # long enough to kill into
     args = pseudolabel_args(
         photos,
         out,
@@ -169,14 +167,14 @@ def test_losing_a_node_mid_job_still_ends_exactly_once(cluster, photos, tmp_path
         "pipeline.potnet_batch_size=1",
     )
     proc = start_script("jobs/pseudolabel.py", args, cluster_env(RAY_ADDRESS=cluster["address"]))
-    wait_for(lambda: written(out) >= 2 and _alive_actor_on(cluster, "ModelStage", w2), proc)
-    node, log = cluster["nodes"]["w2"]
+    wait_for(lambda: _worker_node_with_actor(cluster, "ModelStage"), proc)
+    name, lost = _worker_node_with_actor(cluster, "ModelStage")
+    node, log = cluster["nodes"][name]
     stop_ray_node(node, log, signal.SIGKILL)  # the node and every process on it die at once
     stdout, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, stdout[-4000:]
-    assert 0 < written(out)
-    exactly_once(out)
+    exactly_once(out, 3 * N_IMAGES)
     deadline = time.monotonic() + 120  # Ray marks a node dead after missed health checks
-    while w2 in {n.node_id for n in _alive_nodes(cluster)} and time.monotonic() < deadline:
+    while lost in {n.node_id for n in _alive_nodes(cluster)} and time.monotonic() < deadline:
         time.sleep(2)
-    assert w2 not in {n.node_id for n in _alive_nodes(cluster)}
+    assert lost not in {n.node_id for n in _alive_nodes(cluster)}

@@ -167,33 +167,33 @@ def test_ray_job_submit_train_and_predict_on_s3(pseudo_masks, photos, s3, ray_he
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3["endpoint"], key="testing", secret="testing")
-    fs.mkdir("data")
-    fs.put(str(photos), "data/images", recursive=True)
+    fs.mkdir("train")  # moto keeps buckets across servers in one process: a new name
+    fs.put(str(photos), "train/images", recursive=True)
     # the pseudo-masks, as if pseudolabel had read the photos from S3
     table = pq.read_table(pseudo_masks / "masks")
-    uris = [f"s3://data/images/{i}" for i in table.column("image_id").to_pylist()]
+    uris = [f"s3://train/images/{i}" for i in table.column("image_id").to_pylist()]
     table = table.set_column(
         table.schema.get_field_index("source_uri"), "source_uri", pa.array(uris)
     )
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    fs.pipe_file("data/run1/masks/part-0.parquet", buf.getvalue())
+    fs.pipe_file("train/run1/masks/part-0.parquet", buf.getvalue())
 
     endpoint = ["--set", f"storage.endpoint_url={s3['endpoint']}"]
-    args = train_args("s3://data/run1", "s3://data/train1", weights_path, *endpoint)
+    args = train_args("s3://train/run1", "s3://train/train1", weights_path, *endpoint)
     args += ["--set", "optim.max_steps=4"]
     res = ray_job_submit(ray_head, ["jobs/train.py", *args], env_vars=s3["env"])
     assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
-    assert json.loads(fs.cat_file("data/train1/train.json"))["steps"] == 4
-    assert fs.exists("data/train1/model/model.safetensors")
-    assert len(fs.glob("data/train1/checkpoints/checkpoint_*/state.pt")) == 2
+    assert json.loads(fs.cat_file("train/train1/train.json"))["steps"] == 4
+    assert fs.exists("train/train1/model/model.safetensors")
+    assert len(fs.glob("train/train1/checkpoints/checkpoint_*/state.pt")) == 2
 
-    args = ["--model", "s3://data/train1/model", "--input", "s3://data/images"]
-    args += ["--output", "s3://data/pred1", *endpoint]
+    args = ["--model", "s3://train/train1/model", "--input", "s3://train/images"]
+    args += ["--output", "s3://train/pred1", *endpoint]
     res = ray_job_submit(ray_head, ["jobs/predict.py", *args], env_vars=s3["env"])
     assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
     masks = pd.concat(
-        pd.read_parquet(io.BytesIO(fs.cat_file(p))) for p in fs.glob("data/pred1/masks/*.parquet")
+        pd.read_parquet(io.BytesIO(fs.cat_file(p))) for p in fs.glob("train/pred1/masks/*.parquet")
     )
     check_predictions(masks, photos)
 
