@@ -17,14 +17,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import BackboneConfig
+from .config import BackboneConfig, UserError
 
 _WRAPPERS = ("teacher", "student", "model", "state_dict", "module")
 _PREFIXES = ("module.", "backbone.", "encoder.")
 
 
-def missing_weights(uri: str) -> FileNotFoundError:
-    return FileNotFoundError(
+class BackboneError(UserError, ValueError):
+    """A backbone name or weights file that cannot give the configured ViT."""
+
+
+class WeightsNotFound(UserError, FileNotFoundError):
+    """Backbone weights that are not where the config says (or a hub that cannot be reached)."""
+
+
+def missing_weights(uri: str) -> WeightsNotFound:
+    return WeightsNotFound(
         f"backbone.weights: no file at {uri!r}; give a local path or URI of safetensors or "
         "torch weights, or leave it empty to use timm's hub weights"
     )
@@ -37,12 +45,20 @@ def read_state_dict(uri: str, storage_options: dict | None = None) -> dict[str, 
             blob = fh.read()
     except FileNotFoundError:
         raise missing_weights(uri) from None
-    if blob[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
-        from safetensors.torch import load
+    try:
+        if blob[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
+            from safetensors.torch import load
 
-        state = load(blob)
-    else:
-        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            state = load(blob)
+        else:
+            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
+    except Exception as err:  # noqa: BLE001 - whatever the parsers say of a bad file
+        raise BackboneError(
+            f"weights {uri!r} are not a readable safetensors or torch state dict "
+            f"({type(err).__name__}: {str(err)[:200]}); give a weights file"
+        ) from None
     for key in _WRAPPERS:  # DINO saves {"teacher": ...}, others {"model": ...}
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -63,11 +79,11 @@ def load_weights(model: torch.nn.Module, uri: str, storage_options: dict | None 
         state = checkpoint_filter_fn(read_state_dict(uri, storage_options), model)
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(
+        raise BackboneError(
             f"backbone.weights {uri!r} does not fit backbone.name: {err}{hint}"
         ) from None
     if missing or unexpected:
-        raise ValueError(
+        raise BackboneError(
             f"backbone.weights {uri!r} does not fit backbone.name: missing keys {missing[:5]}, "
             f"unexpected keys {unexpected[:5]}{hint}"
         )
@@ -80,12 +96,12 @@ def _timm_vit(name: str, pretrained: bool) -> torch.nn.Module:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, dynamic_img_size=True)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ValueError(f"backbone.name {name!r} is not a timm model: {err}") from None
+            raise BackboneError(f"backbone.name {name!r} is not a timm model: {err}") from None
         raise
     except TypeError:  # a timm model without ViT arguments (a CNN, say)
-        raise ValueError(f"backbone.name {name!r} is not a ViT; pick a timm ViT") from None
+        raise BackboneError(f"backbone.name {name!r} is not a ViT; pick a timm ViT") from None
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
-        raise ValueError(f"backbone.name {name!r} is not a ViT (no patch_embed/blocks)")
+        raise BackboneError(f"backbone.name {name!r} is not a ViT (no patch_embed/blocks)")
     return model
 
 
@@ -110,34 +126,72 @@ def vit_geometry(cfg: BackboneConfig) -> tuple[int, int]:
     return snap_to_patch(cfg.image_size, patch), patch
 
 
-def check_weights_reachable(cfg: BackboneConfig, storage_options: dict | None = None) -> None:
+def _hub_source(name: str) -> tuple[str | None, str | None]:
+    """(Hugging Face repo id, download URL) timm fetches `name`'s weights from."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return None, None
+    return cfg.hf_hub_id, cfg.url
+
+
+def hub_reachable(url: str, timeout: float = 2.0) -> bool:
+    """Whether `url`'s host answers at all within `timeout` s (any HTTP status will do)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _cached_on_hub(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(
+        isinstance(try_to_load_from_cache(repo_id, f), str)
+        for f in ("model.safetensors", "pytorch_model.bin")
+    )
+
+
+def check_backbone(cfg: BackboneConfig, storage_options: dict | None = None) -> None:
     """Fail early, with a clear message, when the backbone weights cannot be had.
 
-    A path or URI must exist; hub weights are fetched once here (into the local
-    cache that the workers on this machine then reuse).
+    A weights path or URI is loaded here, on the driver, into the configured ViT, exactly
+    as the actors will load it (a missing, unreadable or mismatched file fails now, not
+    in every actor). Hub weights must be in the local cache, or the hub must answer within
+    two seconds (no network is found at once, not after the hub client's retries); then
+    they are fetched once here, into the cache the workers reuse.
     """
     if cfg.weights:
-        fs, path = fsspec.core.url_to_fs(cfg.weights, **(storage_options or {}))
-        if not fs.exists(path):
-            raise missing_weights(cfg.weights)
+        create_vit(cfg.name, cfg.weights, storage_options)
         return
+    _timm_vit(cfg.name, pretrained=False)  # a bad name fails here, with its own message
+    repo_id, url = _hub_source(cfg.name)
+    source = "https://huggingface.co" if repo_id else url
+    offline = f"backbone.weights is empty, so the weights of {cfg.name!r} come from timm's hub"
+    fix = "; without internet, set backbone.weights to a local path or URI (see README, 'Offline')"
+    cached = bool(repo_id) and _cached_on_hub(repo_id)
+    if source and not cached and not hub_reachable(source):
+        raise WeightsNotFound(f"{offline}, and {source} cannot be reached{fix}")
     try:
         _timm_vit(cfg.name, pretrained=True)
-    except ValueError:
+    except BackboneError:
         raise
     except Exception as err:  # noqa: BLE001 - any hub or network failure
-        raise FileNotFoundError(
-            f"backbone.weights is empty, so the weights of {cfg.name!r} come from timm's hub, "
-            f"which failed ({type(err).__name__}); without internet, set backbone.weights to a "
-            "local path or URI (see README, 'Offline')"
-        ) from None
+        raise WeightsNotFound(f"{offline}, which failed ({type(err).__name__}){fix}") from None
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("backbone.device=cuda but no CUDA device is visible; use auto or cpu")
+        raise BackboneError("backbone.device=cuda but no CUDA device is visible; use auto or cpu")
     return torch.device(name)
 
 

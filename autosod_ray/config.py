@@ -8,13 +8,23 @@ allowed, before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from autosod_ray.potnet.params import POTNetParams
 
 
 class Section(BaseModel):
@@ -51,70 +61,125 @@ class BackboneConfig(Section):
     )
 
 
+# the largest image (in pixels) a job decodes unless told otherwise: a decompression-bomb guard
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+def _registry(name: str) -> dict:
+    """POTNet's registries by the config key that names one of their entries."""
+    from autosod_ray.potnet.cluster import CLUSTER_ENGINES, CLUSTERINGS, FUSIONS
+    from autosod_ray.potnet.seeds import SEEDS
+    from autosod_ray.potnet.transport import MARGINALS
+
+    return {
+        "seed": SEEDS,
+        "clustering": CLUSTERINGS,
+        "fusion": FUSIONS,
+        "engine": CLUSTER_ENGINES,
+        "marginal": MARGINALS,
+    }[name]
+
+
+_P = POTNetParams()  # the method's defaults live in one place: potnet/params.py
+
+
 class POTNetConfig(Section):
     """The POTNet pseudo-labeller (docs/method.md names each step)."""
 
     backend: Literal["auto", "numpy", "cupy"] = Field(
         "auto", description="Array backend: `auto` follows the features' device."
     )
-    seed: Literal["attention", "ncut"] = Field("ncut", description="Step 0: seed classifier.")
-    seed_tau: float = Field(0.2, ge=-1.0, le=1.0, description="ncut: affinity edge threshold.")
+    seed: str = Field(_P.seed, description="Step 0: seed classifier (`ncut`, `attention`).")
+    seed_tau: float = Field(_P.seed_tau, ge=-1.0, le=1.0, description="ncut: affinity threshold.")
     seed_orientation: Literal["attention", "max_entry"] = Field(
-        "attention",
+        _P.seed_orientation,
         description="ncut: which side is foreground: more CLS attention (`attention`), or the "
         "side of the largest eigenvector entry (`max_entry`, TokenCut).",
     )
     select_tau: float = Field(
-        0.5, gt=0.0, lt=1.0, description="Step 2: a patch joins class c when its CAM S_c > tau."
+        _P.select_tau,
+        gt=0.0,
+        lt=1.0,
+        description="Step 2: a patch joins class c when its CAM S_c > tau.",
     )
-    num_clusters: int = Field(3, ge=1, le=16, description="Step 3: K clusters per class.")
-    clustering: Literal["dual", "kmeans", "spectral"] = Field(
-        "dual", description="Step 3: both clusterings fused (paper), or one alone (ablation)."
+    num_clusters: int = Field(_P.num_clusters, ge=1, le=16, description="Step 3: K per class.")
+    clustering: str = Field(
+        _P.clustering,
+        description="Step 3: `dual` (k-means and spectral, fused: the paper), or `kmeans` / "
+        "`spectral` alone (ablations).",
     )
-    fusion: Literal["smooth", "hard"] = Field(
-        "smooth", description="Step 3: gamma-weighted blend (paper) or hard switch at eta_th."
+    fusion: str = Field(
+        _P.fusion,
+        description="Step 3: `smooth` (gamma-weighted blend, the paper) or `hard` (switch at "
+        "eta_threshold).",
     )
-    eta_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Hard fusion: switch point.")
-    engine: Literal["native", "sklearn", "cuml"] = Field(
-        "native", description="Clustering engine: batched array code, scikit-learn or cuML."
+    eta_threshold: float = Field(
+        _P.eta_threshold, ge=0.0, le=1.0, description="Hard fusion: switch point."
     )
-    kmeans_iters: int = Field(20, ge=1, le=500)
+    engine: str = Field(
+        _P.engine,
+        description="Clustering engine: `native` (batched numpy / cupy), `sklearn`, `cuml`.",
+    )
+    kmeans_iters: int = Field(_P.kmeans_iters, ge=1, le=500)
     assign_temperature: float = Field(
-        0.1, gt=0.0, description="Step 3: softmax temperature of the soft cluster assignments."
+        _P.assign_temperature,
+        gt=0.0,
+        description="Step 3: temperature of the soft cluster assignments (both clusterings).",
     )
-    spectral_knn: int = Field(10, ge=2, le=256, description="Step 3: kNN of the affinity graph.")
+    spectral_knn: int = Field(
+        _P.spectral_knn, ge=2, le=256, description="Step 3: kNN of the affinity graph."
+    )
     transport: bool = Field(
-        True, description="Step 4: optimal transport (False: nearest prototype)."
+        _P.transport, description="Step 4: optimal transport (False: nearest prototype)."
     )
-    reweight: bool = Field(True, description="Step 5: OT-mass re-weighting of prototype CAMs.")
-    marginal: Literal["class_prior", "softmax"] = Field(
-        "class_prior",
+    reweight: bool = Field(
+        _P.reweight, description="Step 5: OT-mass re-weighting of prototype CAMs."
+    )
+    marginal: str = Field(
+        _P.marginal,
         description="Step 4: column marginal. `softmax`: over all (c, k) of cos(Z_ck, w_c); "
         "`class_prior`: each class gets its share of selected patches, split by that softmax.",
     )
     marginal_temperature: float = Field(
-        0.1, gt=0.0, description="Step 4: softmax temperature of the prototype marginal."
+        _P.marginal_temperature,
+        gt=0.0,
+        description="Step 4: softmax temperature of the prototype marginal (1: the paper's "
+        "plain softmax).",
     )
-    ot_epsilon: float = Field(0.05, gt=0.0, description="Step 4: entropic regularisation.")
-    ot_max_iters: int = Field(200, ge=1, le=10000)
-    ot_tol: float = Field(1e-5, gt=0.0, description="Step 4: stop when marginal error < tol.")
+    ot_epsilon: float = Field(_P.ot_epsilon, gt=0.0, description="Step 4: entropic regulariser.")
+    ot_max_iters: int = Field(_P.ot_max_iters, ge=1, le=10000)
+    ot_tol: float = Field(
+        _P.ot_tol, gt=0.0, description="Step 4: stop when the row-marginal L1 error < tol."
+    )
     map_temperature: float = Field(
-        0.1, gt=0.0, description="Step 5: temperature t of the prototype maps exp(cos / t)."
+        _P.map_temperature,
+        gt=0.0,
+        description="Step 5: temperature t of the prototype maps exp(cos / t).",
     )
-    refine_steps: int = Field(0, ge=0, le=100, description="Step 6: gradient steps on w_fg.")
-    refine_lr: float = Field(0.1, gt=0.0)
+    refine_steps: int = Field(
+        _P.refine_steps,
+        ge=0,
+        le=100,
+        description="Step 6: gradient steps of L_con on the prototypes and w_fg (0: none).",
+    )
+    refine_lr: float = Field(_P.refine_lr, gt=0.0, description="Step 6: SGD step size.")
     max_pixels: int = Field(
-        89_478_485, ge=1, description="Images with more pixels are refused (decompression bombs)."
+        DEFAULT_MAX_PIXELS,
+        ge=1,
+        description="Images with more pixels are refused (decompression bombs).",
     )
 
-    @field_validator("engine")
+    @field_validator("seed", "clustering", "fusion", "engine", "marginal")
     @classmethod
-    def _engine_exists(cls, v: str) -> str:
-        from autosod_ray.potnet.cluster import CLUSTER_ENGINES
-
-        if v not in CLUSTER_ENGINES:
-            raise ValueError(f"unknown engine {v!r}; choose one of {sorted(CLUSTER_ENGINES)}")
+    def _registered(cls, v: str, info) -> str:
+        names = _registry(info.field_name)
+        if v not in names:
+            raise ValueError(f"unknown {info.field_name} {v!r}; choose one of {sorted(names)}")
         return v
+
+    def params(self) -> POTNetParams:
+        """The plain parameters POTNet runs on (everything but backend and input guards)."""
+        return POTNetParams(**{f: getattr(self, f) for f in POTNetParams.__dataclass_fields__})
 
 
 class StorageConfig(Section):
@@ -153,6 +218,15 @@ class PipelineConfig(Section):
     encode_batch_size: int = Field(16, ge=1)
     rows_per_file: int = Field(1000, ge=1, le=1_000_000, description="Most rows per Parquet file.")
 
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> PipelineConfig:
+        if self.pool_min > self.pool_max:
+            raise ValueError(
+                f"pipeline.pool_min ({self.pool_min}) is above pipeline.pool_max "
+                f"({self.pool_max}); the actor pool scales between them"
+            )
+        return self
+
 
 class PseudolabelConfig(Section):
     """`jobs/pseudolabel.py`: label a dataset into Parquet shards."""
@@ -160,6 +234,9 @@ class PseudolabelConfig(Section):
     input: str | None = Field(None, description="Folder / URI of images, or a manifest file.")
     output: str | None = Field(None, description="Folder / URI for masks/, errors/, run.json.")
     overwrite: bool = Field(False, description="Replace an output made with another config.")
+    force_unlock: bool = Field(
+        False, description="Take the output's lease from a run that looks alive (if it is dead)."
+    )
     manifest_column: str = Field("uri", description="Manifest column that holds image URIs.")
     backbone: BackboneConfig = BackboneConfig()
     potnet: POTNetConfig = POTNetConfig()
@@ -167,8 +244,14 @@ class PseudolabelConfig(Section):
     storage: StorageConfig = StorageConfig()
 
     def labelling_hash(self) -> str:
-        """Hash of what decides the masks (backbone + POTNet), not of resources or paths."""
-        return config_hash({"backbone": self.backbone, "potnet": self.potnet})
+        """Hash of what decides the masks: the backbone (not the device it runs on) and the
+        parameters POTNet runs on; not resources, paths or input guards (max_pixels)."""
+        return config_hash(
+            {
+                "backbone": self.backbone.model_dump(mode="json", exclude={"device"}),
+                "potnet": dataclasses.asdict(self.potnet.params()),
+            }
+        )
 
 
 class EvaluateConfig(Section):
@@ -242,23 +325,60 @@ class AugmentConfig(Section):
     color_jitter: float = Field(
         0.2, ge=0.0, le=1.0, description="Brightness / contrast / saturation jitter strength."
     )
+    batch_size: int = Field(16, ge=1, description="Rows per augmentation task.")
+
+
+class DataSection(Section):
+    """Which pseudo-masks train the model (filters applied before any training)."""
+
     min_fg_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Skip pseudo-masks with less foreground than this."
     )
     max_fg_fraction: float = Field(
         1.0, ge=0.0, le=1.0, description="Skip pseudo-masks with more foreground than this."
     )
-    batch_size: int = Field(16, ge=1, description="Rows per augmentation task.")
+    min_quality: float = Field(
+        0.0, ge=0.0, le=1.0, description="Skip pseudo-masks whose `quality` is below this."
+    )
+    keep_top_fraction: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Train on this best fraction of the pseudo-masks by `quality` (1: all).",
+    )
+    cache_tokens: bool = Field(
+        False,
+        description="With a frozen encoder: encode each image (and its mirror) once into a "
+        "token cache, and train the decoder on the cached tokens (no crop or colour jitter).",
+    )
+    token_cache: str | None = Field(
+        None, description="Where the token cache lives (default <output>/token_cache)."
+    )
+    shuffle_buffer: int = Field(
+        256, ge=0, description="Rows each worker shuffles among before batching (0: none)."
+    )
+
+    @property
+    def filters_quality(self) -> bool:
+        return self.min_quality > 0 or self.keep_top_fraction < 1
 
 
 class ScalingSection(Section):
     """Ray Train workers: one per GPU, or CPU workers on gloo."""
 
-    num_workers: int = Field(1, ge=1, description="Data-parallel workers (DDP ranks).")
+    num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Data-parallel workers (DDP ranks); `auto`: one per GPU in the cluster now, "
+        "one on a CPU cluster.",
+    )
     use_gpu: bool | Literal["auto"] = Field(
         "auto", description="`auto`: GPUs when the cluster has them now."
     )
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto",
+        description="CPUs per worker; `auto`: the cluster's CPUs, less one for data ingest, "
+        "shared by the workers.",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "PACK", description="How workers are placed over nodes."
     )
@@ -288,16 +408,32 @@ class TrainConfig(Section):
         None, description="pseudolabel output (its folder or its masks/ folder), local or URI."
     )
     output: str | None = Field(None, description="Folder / URI for checkpoints/, model/.")
+    force_unlock: bool = Field(
+        False, description="Take the output's lease from a run that looks alive (if it is dead)."
+    )
     seed: int = Field(0, description="Seed of the model's initial weights.")
     log_every: int = Field(10, ge=1, description="Report metrics every N steps.")
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1, description="Training images with more pixels are skipped."
+    )
     backbone: BackboneConfig = BackboneConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
+    data: DataSection = DataSection()
     augment: AugmentConfig = AugmentConfig()
     scaling: ScalingSection = ScalingSection()
     checkpoint: CheckpointSection = CheckpointSection()
     validation: ValidationSection = ValidationSection()
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _cached_tokens_need_a_frozen_encoder(self) -> TrainConfig:
+        if self.data.cache_tokens and not self.optim.freeze_encoder:
+            raise ValueError(
+                "data.cache_tokens needs optim.freeze_encoder: true (cached tokens cannot "
+                "train the encoder)"
+            )
+        return self
 
 
 class PredictConfig(Section):
@@ -307,10 +443,13 @@ class PredictConfig(Section):
     input: str | None = Field(None, description="Folder / URI of images, or a manifest file.")
     output: str | None = Field(None, description="Folder / URI for masks/, errors/, run.json.")
     overwrite: bool = Field(False, description="Replace an output made with another model.")
+    force_unlock: bool = Field(
+        False, description="Take the output's lease from a run that looks alive (if it is dead)."
+    )
     manifest_column: str = Field("uri", description="Manifest column that holds image URIs.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto")
-    max_pixels: int = Field(89_478_485, ge=1, description="Refuse larger images (bombs).")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Refuse larger images (bombs).")
     pipeline: PipelineConfig = PipelineConfig()
     storage: StorageConfig = StorageConfig()
 
@@ -318,7 +457,12 @@ class PredictConfig(Section):
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake in what the user asked for (config, input, output, resources): the jobs
+    print its message alone and exit 2. Anything else is a bug and keeps its traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A config file or override that does not validate; the message names the key."""
 
 
@@ -364,9 +508,14 @@ def _format_error(err: ValidationError, schema: type[BaseModel]) -> str:
 
 
 def load_config(
-    schema: type[ConfigT], path: str | Path | None = None, overrides: list[str] = ()
+    schema: type[ConfigT],
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    flags: dict[str, Any] | None = None,
 ) -> ConfigT:
-    """Read YAML `path` (optional), apply `overrides` ("dotted.key=value"), validate once."""
+    """Read YAML `path` (optional), apply `overrides` ("dotted.key=value", the value a YAML
+    scalar), then `flags` (dotted key -> value, taken as given: a path stays a string),
+    and validate once."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -379,17 +528,22 @@ def load_config(
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+    for key, value in (flags or {}).items():
+        _set_dotted(tree, key, value)
     try:
         return schema.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_error(err, schema)) from None
 
 
-def config_hash(config: BaseModel | dict[str, BaseModel]) -> str:
-    """Stable short hash of a resolved config, or of several sections (sorted JSON)."""
+def config_hash(config: BaseModel | dict[str, Any]) -> str:
+    """Stable short hash of a resolved config, or of named sections and plain values."""
     if isinstance(config, BaseModel):
         tree = config.model_dump(mode="json")
     else:
-        tree = {name: part.model_dump(mode="json") for name, part in config.items()}
+        tree = {
+            name: part.model_dump(mode="json") if isinstance(part, BaseModel) else part
+            for name, part in config.items()
+        }
     blob = json.dumps(tree, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -27,13 +27,14 @@ from .data.uris import (
     read_bytes_at,
     write_bytes_at,
 )
-from .metrics import MetricMeans, image_metrics
+from .metrics import MetricMeans, image_metrics, quality_ranking
 
 PER_IMAGE = ("Sm", "wF", "MAE", "adpF", "adpE", "IoU")
 
 
 def load_predictions(uri: str, opts: dict) -> pa.Table:
-    """(stem, image_id, saliency_png, mask_png, pred_uri) rows from Parquet or PNGs."""
+    """(image_id, saliency_png, mask_png, quality, stem, pred_uri) rows from Parquet or PNGs
+    (quality is null where the predictions carry none)."""
     fs, root = open_fs(uri, opts)
     if not fs.exists(root):
         raise InputError(f"--predictions {uri!r} does not exist")
@@ -49,7 +50,15 @@ def load_predictions(uri: str, opts: dict) -> pa.Table:
         tables = []
         for path in sorted(files):
             with fs.open(path, "rb") as fh:
-                tables.append(pq.read_table(fh, columns=cols))
+                f = pq.ParquetFile(fh)
+                has_quality = "quality" in f.schema_arrow.names  # not in other Parquet
+                t = f.read(columns=cols + (["quality"] if has_quality else []))
+            quality = (
+                t.column("quality").cast(pa.float32())
+                if has_quality
+                else pa.nulls(t.num_rows, pa.float32())
+            )
+            tables.append(t.select(cols).append_column("quality", quality))
         t = pa.concat_tables(tables)
         ids = t.column("image_id").to_pylist()
         return t.append_column("stem", pa.array([file_stem(i) for i in ids])).append_column(
@@ -62,6 +71,7 @@ def load_predictions(uri: str, opts: dict) -> pa.Table:
             "image_id": list(pngs),
             "saliency_png": pa.array([b""] * n, pa.binary()),
             "mask_png": pa.array([b""] * n, pa.binary()),
+            "quality": pa.nulls(n, pa.float32()),
             "stem": list(pngs),
             "pred_uri": list(pngs.values()),
         }
@@ -100,6 +110,7 @@ def score_pairs(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str
         f_curves[i], e_curves[i] = row["F_curve"], row["E_curve"]
     return {
         "image_id": batch["image_id"],
+        "quality": batch["quality"],
         **out,
         "F_curve": f_curves,
         "E_curve": e_curves,
@@ -147,9 +158,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
                 resized += int(batch["resized"][i])
                 row = {k: float(batch[k][i]) for k in PER_IMAGE}
                 means.add({**row, "F_curve": batch["F_curve"][i], "E_curve": batch["E_curve"][i]})
-                per_image.append({"image_id": str(image_id), **row})
+                quality = batch["quality"][i]
+                quality = float("nan") if quality is None else float(quality)
+                per_image.append({"image_id": str(image_id), **row, "quality": quality})
+    ranking = quality_ranking(
+        np.array([r["quality"] for r in per_image]), np.array([r["IoU"] for r in per_image])
+    )
     metrics = {
         **means.results(),
+        "quality_ranking": ranking,
         "predictions_without_gt": int(len(stems) - sum(matched)),
         "gt_without_predictions": len(set(gts) - set(stems)),
         "resized": resized,

@@ -24,6 +24,7 @@ class PseudoMask:
     binary: np.ndarray  # H x W bool mask
     confidence: float
     consistency_loss: float
+    quality: float
 
     @property
     def fg_fraction(self) -> float:
@@ -44,7 +45,7 @@ class PseudoLabeller:
             extractor = ViTFeatures(backbone, storage_options=storage_options)
         self.extractor = extractor
         self.backend = resolve_backend(potnet.backend, str(self.extractor.device))
-        self.potnet = POTNet(potnet)
+        self.potnet = POTNet(potnet.params())
 
     @property
     def image_size(self) -> int:
@@ -64,8 +65,8 @@ class PseudoLabeller:
         """Square-resized batch and each image's own (height, width) -> pseudo-masks."""
         out = self.potnet(self.features(images))
         return [
-            PseudoMask(soft, binary, float(c), float(loss))
-            for (soft, binary), c, loss in zip(
-                out.masks(sizes), out.confidence, out.consistency_loss, strict=True
+            PseudoMask(soft, binary, float(c), float(loss), float(q))
+            for (soft, binary), c, loss, q in zip(
+                out.masks(sizes), out.confidence, out.consistency_loss, out.quality, strict=True
             )
         ]

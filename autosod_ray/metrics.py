@@ -103,3 +103,26 @@ class SODMetrics:
 
     def results(self) -> dict[str, float]:
         return self.means.results()
+
+
+def quality_ranking(quality: np.ndarray, iou_values: np.ndarray) -> dict[str, float] | None:
+    """How well a per-mask quality score ranks masks by their IoU with ground truth.
+
+    quality, iou_values: one per image (NaN quality = none reported). Returns the
+    Spearman rank correlation, and the mean IoU of all images and of the best
+    quarter by quality (what a user keeps who filters on it); None without scores.
+    """
+    from scipy.stats import spearmanr
+
+    q, v = np.asarray(quality, np.float64), np.asarray(iou_values, np.float64)
+    keep = np.isfinite(q)
+    if keep.sum() < 2:
+        return None
+    q, v = q[keep], v[keep]
+    top = np.argsort(-q, kind="stable")[: max(1, len(q) // 4)]
+    return {
+        "spearman": float(spearmanr(q, v)[0]),
+        "n": int(len(q)),
+        "iou_all": float(v.mean()),
+        "iou_best_quarter": float(v[top].mean()),
+    }

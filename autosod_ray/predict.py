@@ -12,12 +12,10 @@ import functools
 import hashlib
 import json
 
-import numpy as np
-
 from .backbone import snap_to_patch
 from .config import PredictConfig
 from .data.uris import InputError, absolute
-from .model.inference import AutoSODPredictor, read_model_meta, threshold_at_size
+from .model.inference import AutoSODPredictor, load_model, threshold_at_size
 from .pseudolabel import Labelling, run_labelling
 
 
@@ -35,17 +33,19 @@ class _Predictor:
 
         def label(images):
             prob, objectness = predictor(images)
-            return prob, objectness, np.full(len(prob), np.nan, np.float32)
+            return prob, {"confidence": objectness}
 
         return label
 
 
 def predict_labelling(cfg: PredictConfig) -> Labelling:
-    """The trained model as a Labelling; a missing or foreign model folder fails here."""
-    meta = read_model_meta(cfg.model, cfg.storage.options(cfg.model))
+    """The trained model as a Labelling; a missing, damaged or foreign model folder fails
+    here, on the driver (the model is loaded once, as each actor will load it)."""
+    _, meta = load_model(cfg.model, cfg.storage.options(cfg.model))
     patch = int(meta["patch_size"])
     identity = {"sha256": meta["sha256"], "threshold": meta["model"]["threshold"]}
     return Labelling(
+        job="predict",
         model_factory=_Predictor(cfg),
         to_masks=functools.partial(threshold_at_size, threshold=meta["model"]["threshold"]),
         model_name=f"autosod:{meta['backbone']['name']}",
@@ -53,6 +53,7 @@ def predict_labelling(cfg: PredictConfig) -> Labelling:
         image_size=snap_to_patch(int(meta["image_size"]), patch),
         patch_size=patch,
         max_pixels=cfg.max_pixels,
+        max_pixels_key="max_pixels",
     )
 
 

@@ -29,9 +29,14 @@ import torch
 
 from autosod_ray.backbone import vit_geometry
 from autosod_ray.config import TrainConfig, load_config
-from autosod_ray.data.training import COLUMNS, load_pairs, masks_folder
+from autosod_ray.data.training import COLUMNS, load_pairs, masks_folder, select_pseudo_masks
 from autosod_ray.train.loop import build_training, train_step
-from autosod_ray.train.run import build_trainer, with_absolute_paths
+from autosod_ray.train.run import (
+    build_trainer,
+    resolve_scaling,
+    training_data,
+    with_absolute_paths,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train-smoke.yaml"
 
@@ -51,26 +56,26 @@ def plain_loop_ips(cfg: TrainConfig, image_size: int, steps: int) -> float:
         if step == steps:
             start = time.perf_counter()
         idx = [(step * b + i) % rows for i in range(b)]
-        batch = load_pairs(table.take(idx).to_pydict(), opts, cfg.augment, image_size, 89_478_485)
+        batch = load_pairs(
+            table.take(idx).to_pydict(), opts, cfg.augment, image_size, cfg.max_pixels
+        )
         tensors = {k: torch.as_tensor(v) for k, v in batch.items()}
         train_step(model, optimiser, scheduler, tensors, cfg, contextlib.nullcontext)
     return steps * b / (time.perf_counter() - start)
 
 
-def ray_train_ips(cfg: TrainConfig, image_size: int, steps: int) -> float:
+def ray_train_ips(cfg: TrainConfig, geometry: tuple[int, int], steps: int) -> float:
     """Images/s of the TorchTrainer loop (1 worker) over its second window of `steps`."""
-    import ray
-
     with tempfile.TemporaryDirectory() as out:
         run = cfg.model_copy(deep=True)
         run.output = out
-        run.scaling.num_workers = 1
         run.optim.max_steps = 2 * steps
         run.log_every = steps  # one report after the warm-up window, one after the timed one
         run.checkpoint.every_steps = 2 * steps
         run.validation.images = run.validation.ground_truth = None
-        ray.init(ignore_reinit_error=True)
-        result = build_trainer(run, image_size).fit()
+        selection = select_pseudo_masks(run.pseudo_masks, {}, run.data)
+        ds, _ = training_data(run, geometry, selection)
+        result = build_trainer(run, ds).fit()
         return float(result.metrics["images_per_second"])
 
 
@@ -82,18 +87,22 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20, help="warm-up steps, then timed steps")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
-    cfg = load_config(TrainConfig, args.config, [*args.set, f"pseudo_masks={args.pseudo_masks}"])
-    cfg = with_absolute_paths(cfg)
-    image_size, _ = vit_geometry(cfg.backbone)
-    ray_ips = ray_train_ips(cfg, image_size, args.steps)
-    plain_ips = plain_loop_ips(cfg, image_size, args.steps)
+    import ray
+
+    sets = [*args.set, f"pseudo_masks={args.pseudo_masks}", "scaling.num_workers=1"]
+    cfg = with_absolute_paths(load_config(TrainConfig, args.config, sets))
+    geometry = vit_geometry(cfg.backbone)
+    ray.init(ignore_reinit_error=True)
+    cfg = resolve_scaling(cfg)  # both loops get the same CPUs (threads)
+    ray_ips = ray_train_ips(cfg, geometry, args.steps)
+    plain_ips = plain_loop_ips(cfg, geometry[0], args.steps)
     result = {
         "plain_ips": round(plain_ips, 3),
         "ray_train_ips": round(ray_ips, 3),
         "ratio": round(ray_ips / plain_ips, 3),
         "steps": args.steps,
         "batch_size": cfg.optim.batch_size,
-        "image_size": image_size,
+        "image_size": geometry[0],
         "torch_threads": max(1, int(cfg.scaling.cpus_per_worker)),
         "freeze_encoder": cfg.optim.freeze_encoder,
         "backbone": cfg.backbone.name,

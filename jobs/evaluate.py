@@ -5,8 +5,8 @@ python jobs/evaluate.py --predictions URI --ground-truth URI --output metrics.js
 
 import json
 
-from autosod_ray.cli import config_overrides, job_parser, run_job
-from autosod_ray.config import EvaluateConfig, load_config
+from autosod_ray.cli import job_parser, load_job_config, run_job
+from autosod_ray.config import EvaluateConfig
 from autosod_ray.evaluate import run_evaluate
 from autosod_ray.metrics import METRIC_KEYS
 
@@ -17,8 +17,9 @@ def main() -> int:
     p.add_argument("--ground-truth", help="folder or URI of ground-truth mask PNGs")
     p.add_argument("--output", help="metrics.json path or URI")
     args = p.parse_args()
-    overrides = config_overrides(args, ("predictions", "ground_truth", "output"))
-    metrics = run_evaluate(load_config(EvaluateConfig, args.config, overrides))
+    metrics = run_evaluate(
+        load_job_config(EvaluateConfig, args, ("predictions", "ground_truth", "output"))
+    )
     print(
         json.dumps(
             {
@@ -34,6 +35,13 @@ def main() -> int:
             indent=2,
         )
     )
+    ranking = metrics["quality_ranking"]
+    if ranking:
+        print(
+            f"quality vs IoU: Spearman {ranking['spearman']:.3f} over {ranking['n']} images; "
+            f"mean IoU {ranking['iou_all']:.3f}, best quarter by quality "
+            f"{ranking['iou_best_quarter']:.3f}"
+        )
     print(f"unreadable: {len(metrics['unreadable'])}")
     return 0
 

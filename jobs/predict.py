@@ -4,8 +4,8 @@ python jobs/predict.py --model TRAIN_OUTPUT/model --input DIR_OR_URI --output DI
 ray job submit --working-dir . -- python jobs/predict.py --model s3://... --input s3://... ...
 """
 
-from autosod_ray.cli import add_labelling_args, config_overrides, job_parser, run_job
-from autosod_ray.config import PredictConfig, load_config
+from autosod_ray.cli import add_labelling_args, job_parser, load_job_config, run_job
+from autosod_ray.config import PredictConfig
 from autosod_ray.predict import run_predict
 from autosod_ray.pseudolabel import print_summary
 
@@ -15,8 +15,11 @@ def main() -> int:
     p.add_argument("--model", help="the model/ folder (or URI) that jobs/train.py wrote")
     add_labelling_args(p, source="model")
     args = p.parse_args()
-    overrides = config_overrides(args, ("model", "input", "output", "overwrite"))
-    summary = run_predict(load_config(PredictConfig, args.config, overrides))
+    summary = run_predict(
+        load_job_config(
+            PredictConfig, args, ("model", "input", "output", "overwrite", "force_unlock")
+        )
+    )
     print_summary(summary, job="predict")
     return 0 if summary["status"] == "complete" else 1
 

@@ -4,8 +4,8 @@
         --output sheet.png [--n 24] [--worst]
 """
 
-from autosod_ray.cli import config_overrides, job_parser, run_job
-from autosod_ray.config import PreviewConfig, load_config
+from autosod_ray.cli import job_parser, load_job_config, run_job
+from autosod_ray.config import PreviewConfig
 from autosod_ray.preview import render_sheet
 
 
@@ -18,10 +18,8 @@ def main() -> int:
     p.add_argument("--n", type=int)
     p.add_argument("--worst", action="store_true")
     args = p.parse_args()
-    overrides = config_overrides(
-        args, ("predictions", "images", "ground_truth", "output", "n", "worst")
-    )
-    result = render_sheet(load_config(PreviewConfig, args.config, overrides))
+    keys = ("predictions", "images", "ground_truth", "output", "n", "worst")
+    result = render_sheet(load_job_config(PreviewConfig, args, keys))
     print(f"wrote {result['rows']} rows to {result['output']}")
     return 0
 

@@ -4,8 +4,8 @@ python jobs/pseudolabel.py --input DIR_OR_URI --output DIR_OR_URI [--config FILE
 ray job submit --working-dir . -- python jobs/pseudolabel.py --input s3://... --output s3://...
 """
 
-from autosod_ray.cli import add_labelling_args, config_overrides, job_parser, run_job
-from autosod_ray.config import PseudolabelConfig, load_config
+from autosod_ray.cli import add_labelling_args, job_parser, load_job_config, run_job
+from autosod_ray.config import PseudolabelConfig
 from autosod_ray.pseudolabel import print_summary, run_pseudolabel
 
 
@@ -13,8 +13,9 @@ def main() -> int:
     p = job_parser(__doc__, "potnet.yaml")
     add_labelling_args(p, source="config")
     args = p.parse_args()
-    overrides = config_overrides(args, ("input", "output", "overwrite"))
-    summary = run_pseudolabel(load_config(PseudolabelConfig, args.config, overrides))
+    summary = run_pseudolabel(
+        load_job_config(PseudolabelConfig, args, ("input", "output", "overwrite", "force_unlock"))
+    )
     print_summary(summary)
     return 0 if summary["status"] == "complete" else 1
 

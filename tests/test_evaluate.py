@@ -66,6 +66,7 @@ def test_png_folder_equals_published_values_and_single_process(fixtures, tmp_pat
     assert metrics["gt_without_predictions"] == 0 and metrics["resized"] == 0
     per_image = pd.read_parquet(tmp_path / "m" / "metrics_per_image.parquet")
     assert len(per_image) == 3 and per_image.IoU.is_monotonic_increasing
+    assert metrics["quality_ranking"] is None  # PNG maps carry no quality
 
 
 def test_parquet_predictions_with_missing_resized_and_unreadable(fixtures, tmp_path):
@@ -84,6 +85,7 @@ def test_parquet_predictions_with_missing_resized_and_unreadable(fixtures, tmp_p
                 "image_id": f"dir/{pred.name}",
                 "saliency_png": png(soft),
                 "mask_png": png(((soft >= 128) * 255).astype(np.uint8)),
+                "quality": float(len(rows)) / 10,
             }
         )
     rows.append(
@@ -91,6 +93,7 @@ def test_parquet_predictions_with_missing_resized_and_unreadable(fixtures, tmp_p
             "image_id": "dir/no_gt.jpg",
             "saliency_png": png(np.zeros((4, 4), np.uint8)),
             "mask_png": png(np.zeros((4, 4), np.uint8)),
+            "quality": 0.5,
         }
     )
     rows.append(
@@ -98,6 +101,7 @@ def test_parquet_predictions_with_missing_resized_and_unreadable(fixtures, tmp_p
             "image_id": "aerial-1867541__340.jpg".replace("aerial", "x"),
             "saliency_png": b"broken",
             "mask_png": b"broken",
+            "quality": 0.5,
         }
     )
     Image.new("L", (8, 8)).save(gt_dir / "x-1867541__340.png")
@@ -117,6 +121,15 @@ def test_parquet_predictions_with_missing_resized_and_unreadable(fixtures, tmp_p
     assert m["predictions_without_gt"] == 1 and m["gt_without_predictions"] == 1
     assert [u["image_id"] for u in m["unreadable"]] == ["x-1867541__340.jpg"]
     assert all(np.isfinite(m[k]) for k in METRIC_KEYS)
+    # the masks' own quality column, ranked against their IoU with ground truth
+    from scipy.stats import spearmanr
+
+    per_image = pd.read_parquet(tmp_path / "metrics_per_image.parquet")
+    assert sorted(per_image.quality) == pytest.approx([0.0, 0.1, 0.2])
+    ranking = m["quality_ranking"]
+    assert ranking["n"] == 3
+    assert ranking["spearman"] == pytest.approx(spearmanr(per_image.quality, per_image.IoU)[0])
+    assert "quality vs IoU: Spearman" in res.stdout
 
 
 def test_missing_inputs_fail_clearly(tmp_path, fixtures):

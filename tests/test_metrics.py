@@ -50,3 +50,21 @@ def test_size_mismatch_is_an_error(pairs):
     p, g = pairs[0]
     with pytest.raises(ValueError, match="differ in size"):
         image_metrics(p[:-1], g)
+
+
+def test_quality_ranking_hand_checked():
+    from scipy.stats import spearmanr
+
+    from autosod_ray.metrics import quality_ranking
+
+    iou = np.array([0.9, 0.2, 0.5, 0.7, 0.1, 0.8, 0.3, 0.6])
+    perfect = quality_ranking(iou * 0.5, iou)
+    assert perfect["spearman"] == pytest.approx(1.0)
+    assert perfect["iou_best_quarter"] == pytest.approx((0.9 + 0.8) / 2)
+    assert perfect["iou_all"] == pytest.approx(iou.mean()) and perfect["n"] == 8
+    assert quality_ranking(-iou, iou)["iou_best_quarter"] == pytest.approx((0.1 + 0.2) / 2)
+    q = np.array([0.3, 0.1, np.nan, 0.9, 0.2, 0.5, np.nan, 0.4])  # NaN: no score reported
+    r = quality_ranking(q, iou)
+    keep = np.isfinite(q)
+    assert r["n"] == 6 and r["spearman"] == pytest.approx(spearmanr(q[keep], iou[keep])[0])
+    assert quality_ranking(np.full(8, np.nan), iou) is None

@@ -154,7 +154,9 @@ def _worker_node_with_actor(head, marker: str) -> tuple[str, str] | None:
 def test_losing_a_node_mid_job_still_ends_exactly_once(cluster, ecssd, tmp_path, weights_path):
     """Runs last: it takes a worker node away for good, while a POTNet actor is on it."""
     out = tmp_path / "run"
-    photos = copy_photos(tmp_path / "photos", ecssd, 3 * N_IMAGES)  # long enough to kill into
+    # long enough that the state API, polled on a loaded machine, sees an actor on a worker
+    # node before the job ends (36 images were done in 56 s once, before it could)
+    photos = copy_photos(tmp_path / "photos", ecssd, 6 * N_IMAGES)
     args = pseudolabel_args(
         photos,
         out,
@@ -173,7 +175,7 @@ def test_losing_a_node_mid_job_still_ends_exactly_once(cluster, ecssd, tmp_path,
     stop_ray_node(node, log, signal.SIGKILL)  # the node and every process on it die at once
     stdout, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, stdout[-4000:]
-    exactly_once(out, 3 * N_IMAGES)
+    exactly_once(out, 6 * N_IMAGES)
     deadline = time.monotonic() + 120  # Ray marks a node dead after missed health checks
     while lost in {n.node_id for n in _alive_nodes(cluster)} and time.monotonic() < deadline:
         time.sleep(2)

@@ -11,10 +11,11 @@ from autosod_ray.config import POTNetConfig
 from autosod_ray.data.images import decode_image, resize_square
 from autosod_ray.labeller import PseudoLabeller
 from autosod_ray.metrics import iou
-from autosod_ray.potnet import PatchFeatures, POTNet
+from autosod_ray.potnet import SEEDS, PatchFeatures, POTNet
 from tests.conftest import REPO, blob_features
 
-STEMS = ["0001", "0005", "0010", "0020", "0050", "0100", "0200", "0400"]
+# 0065: TokenCut's orientation inverts it (so the orientation switch shows)
+STEMS = ["0001", "0005", "0010", "0020", "0050", "0065", "0200", "0400"]
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +34,45 @@ def test_masks_on_real_photos_match_ground_truth(backbone_cfg, extractor, photos
     for m, im in zip(masks, imgs, strict=True):
         assert m.soft.shape == m.binary.shape == im.shape[:2]
         assert 0.0 < m.fg_fraction < 1.0 and 0.0 <= m.confidence <= 1.0
+        assert 0.0 <= m.quality <= 1.0
     assert np.mean(scores) > 0.6, scores
+
+
+@pytest.fixture(scope="module")
+def real_features(extractor, photos):
+    """Bias-free keys of real photos from the real backbone: POTNet's own input."""
+    imgs, _ = photos
+    out = extractor(np.stack([resize_square(im, extractor.image_size) for im in imgs]), ("keys",))
+    return PatchFeatures(out.keys.numpy(), out.cls_attention.numpy(), out.grid)
+
+
+# every switch of the method, each changed alone from the default
+SWITCHES = {
+    "seed": "attention",
+    "seed_orientation": "max_entry",
+    "clustering": "kmeans",
+    "fusion": "hard",
+    "engine": "sklearn",
+    "transport": False,
+    "reweight": False,
+    "marginal": "softmax",
+    "refine_steps": 0 if POTNetConfig().refine_steps else 3,
+}
+
+
+def test_every_switch_changes_the_saliency_on_real_features(real_features):
+    """A switch that leaves the output unchanged is a switch that does nothing."""
+    base = POTNet(POTNetConfig().params())(real_features).saliency
+    for key, value in {**SWITCHES, "clustering": "spectral"}.items():
+        other = POTNet(POTNetConfig(**{key: value}).params())(real_features).saliency
+        assert np.abs(other - base).max() > 1e-3, f"{key}={value} changed nothing"
+    # the registries hold exactly the names the config accepts
+    assert set(SEEDS) == {"attention", "ncut"}
 
 
 def test_batched_equals_one_at_a_time_and_is_deterministic():
     x, attn, _ = blob_features(b=3, noise=0.8)
-    potnet = POTNet(POTNetConfig(refine_steps=2))
+    potnet = POTNet(POTNetConfig(refine_steps=2).params())
     batched = potnet(PatchFeatures(x, attn, (12, 12)))
     for i in range(3):
         one = potnet(PatchFeatures(x[i : i + 1], attn[i : i + 1], (12, 12)))
@@ -60,13 +94,14 @@ SWEEP = [
     {"marginal": "softmax"},
     {"seed_orientation": "max_entry"},
     {"refine_steps": 3},
+    {"refine_steps": 0},
 ]
 
 
 @pytest.mark.parametrize("change", SWEEP, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_every_registered_variant_finds_the_object(change):
     x, attn, fg = blob_features(b=2, noise=0.7)
-    out = POTNet(POTNetConfig(**change))(PatchFeatures(x, attn, (12, 12)))
+    out = POTNet(POTNetConfig(**change).params())(PatchFeatures(x, attn, (12, 12)))
     assert out.saliency.shape == (2, 12, 12) and np.isfinite(out.saliency).all()
     assert ((out.saliency >= 0) & (out.saliency <= 1)).all()
     for soft, binary in out.masks([(24, 24), (36, 30)]):
@@ -104,7 +139,7 @@ def test_quality_benchmark_cli(tmp_path, ecssd, weights_path):
     )
     assert code == 0
     report = json.loads(out_json.read_text())
-    row = report["results"]["POTNet (ncut seed)"]
+    row = report["results"]["POTNet (this config)"]
     for key in ("maxF", "meanF", "Sm", "meanE", "MAE", "IoU", "s_per_image"):
         assert np.isfinite(row[key])
     assert report["n"] == 4

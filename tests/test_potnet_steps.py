@@ -1,30 +1,40 @@
 """Each POTNet step against a reference on the same input."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans, SpectralClustering
 from sklearn.metrics import adjusted_rand_score
 
-from autosod_ray.config import POTNetConfig
 from autosod_ray.potnet.cam import class_activation_maps, entropy_gate
 from autosod_ray.potnet.cluster import (
     CLUSTER_ENGINES,
     align_clusters,
     batched_kmeans,
+    cluster_means,
     knn_affinity,
     soft_assignment,
+    spectral_clusters,
     spectral_embedding,
 )
-from autosod_ray.potnet.core import refine_seed
 from autosod_ray.potnet.mask import mask_at_size, otsu_threshold
 from autosod_ray.potnet.ops import l2_normalize, masked_mean
+from autosod_ray.potnet.params import POTNetParams
+from autosod_ray.potnet.refine import refine_by_consistency, torch_cam, torch_class_map
 from autosod_ray.potnet.reweight import (
     consistency_loss,
     reweighted_class_maps,
     transport_confidence,
 )
 from autosod_ray.potnet.seeds import ncut_bipartition
-from autosod_ray.potnet.transport import nearest_prototype_plan, prototype_marginal, sinkhorn
+from autosod_ray.potnet.transport import (
+    MARGINALS,
+    class_prior_marginal,
+    nearest_prototype_plan,
+    sinkhorn,
+    softmax_marginal,
+)
 
 
 def blobs(n_per=40, k=3, d=16, spread=0.15, seed=0):
@@ -101,7 +111,8 @@ def test_kmeans_respects_mask_and_batches():
 def test_spectral_matches_sklearn_on_same_affinity():
     x, truth = blobs(n_per=30, spread=0.25, seed=3)
     mask = np.ones((1, len(x)), bool)
-    ours = CLUSTER_ENGINES["native"].spectral(x[None], mask, 3, 8, 50)[0]
+    p = POTNetParams(spectral_knn=8, kmeans_iters=50)
+    ours = spectral_clusters(x[None], mask, 3, p, CLUSTER_ENGINES["native"]()).labels[0]
     aff = knn_affinity(x[None], mask, 8)[0]
     ref = SpectralClustering(3, affinity="precomputed", random_state=0).fit_predict(aff)
     assert adjusted_rand_score(ref, ours) > 0.95
@@ -121,25 +132,104 @@ def test_affinity_is_symmetric_knn_and_masked():
     np.testing.assert_allclose(np.linalg.norm(emb[5:], axis=1), 1.0, atol=1e-4)
 
 
-@pytest.mark.parametrize("engine", ["native", "sklearn"])
+ENGINES = ["native", "sklearn"] + (["cuml"] if importlib.util.find_spec("cuml") else [])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_engines_agree_on_blobs(engine):
     x, truth = blobs(seed=4)
     mask = np.ones((1, len(x)), bool)
-    e = CLUSTER_ENGINES[engine]
-    assert adjusted_rand_score(truth, e.kmeans(x[None], mask, 3, 30)[0]) > 0.99
-    assert adjusted_rand_score(truth, e.spectral(x[None], mask, 3, 8, 30)[0]) > 0.99
+    e = CLUSTER_ENGINES[engine]()
+    if engine == "cuml":  # pragma: no cover - GPU machines only
+        import cupy
+
+        x, mask = cupy.asarray(x), cupy.asarray(mask)
+    p = POTNetParams(spectral_knn=8, kmeans_iters=30)
+    km = np.asarray(e.kmeans(x[None], mask, 3, 30)[0].tolist())
+    sp = np.asarray(spectral_clusters(x[None], mask, 3, p, e).labels[0].tolist())
+    assert adjusted_rand_score(truth, km) > 0.99
+    assert adjusted_rand_score(truth, sp) > 0.99
+
+
+def lifted(xy: np.ndarray, scale: float = 0.15) -> np.ndarray:
+    """2-d points onto the unit sphere near a pole: cosine kNN sees their planar geometry."""
+    p = np.concatenate([xy * scale, np.ones((len(xy), 1))], axis=1)
+    return l2_normalize(p).astype(np.float32)
+
+
+def two_moons_and_circles():
+    from sklearn.datasets import make_circles, make_moons
+
+    yield "moons", make_moons(300, noise=0.05, random_state=0)
+    yield "circles", make_circles(300, factor=0.5, noise=0.04, random_state=0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_spectral_soft_assignment_lives_in_the_embedding(engine):
+    """argmax C_spc must be the spectral labels, also where k-means in feature space
+    (and so any soft nearest-centroid over feature means) cannot follow them."""
+    e = CLUSTER_ENGINES[engine]()
+    p = POTNetParams(spectral_knn=10, kmeans_iters=50)
+    for name, (xy, truth) in two_moons_and_circles():
+        x, mask = lifted(xy)[None], np.ones((1, len(xy)), bool)
+        if engine == "cuml":  # pragma: no cover - GPU machines only
+            import cupy
+
+            x, mask = cupy.asarray(x), cupy.asarray(mask)
+        sp = spectral_clusters(x, mask, 2, p, e)
+        labels = np.asarray(sp.labels[0].tolist())
+        argmax = np.asarray(sp.soft[0].argmax(-1).tolist())
+        assert adjusted_rand_score(labels, argmax) >= 0.95, name
+        assert adjusted_rand_score(truth, labels) >= 0.95, name  # the graph cut works
+        # a soft nearest-centroid of the spectral clusters' feature means loses them
+        centroid = soft_assignment(x, sp.labels, 2, p.assign_temperature)
+        lost = adjusted_rand_score(labels, np.asarray(centroid[0].argmax(-1).tolist()))
+        assert lost < 0.5, (name, lost)
+
+
+def test_sklearn_engine_is_sklearn_spectral_clustering():
+    """Same affinity, scikit-learn's own SpectralClustering: the same partition."""
+    x, _ = blobs(n_per=30, spread=0.3, seed=7)
+    mask = np.ones((1, len(x)), bool)
+    p = POTNetParams(spectral_knn=8, kmeans_iters=50)
+    ours = spectral_clusters(x[None], mask, 3, p, CLUSTER_ENGINES["sklearn"]()).labels[0]
+    aff = knn_affinity(x[None], mask, 8)[0]
+    ref = SpectralClustering(3, affinity="precomputed", random_state=0).fit_predict(aff)
+    assert adjusted_rand_score(ref, ours) > 0.95
+
+
+def test_library_engines_respect_the_mask_per_group():
+    """The wrapper that runs sklearn here runs cuML on a GPU: masks and groups."""
+    x1, t1 = blobs(seed=8)
+    x2, _ = blobs(seed=9)
+    mask = np.ones((2, len(x1)), bool)
+    mask[1, ::2] = False
+    e = CLUSTER_ENGINES["sklearn"]()
+    labels = e.kmeans(np.stack([x1, x2]), mask, 3, 30)
+    assert (labels[1, ::2] == -1).all() and (labels[0] >= 0).all()
+    assert adjusted_rand_score(t1, labels[0]) > 0.99
+    aff = knn_affinity(np.stack([x1, x2]), mask, 8)
+    emb = e.embedding(aff, mask, 3)
+    assert (emb[1, ::2] == 0).all()
+    np.testing.assert_allclose(np.linalg.norm(emb[1, 1::2], axis=-1), 1.0, atol=1e-4)
 
 
 def test_soft_assignment_and_alignment_undo_a_permutation():
     x, truth = blobs(seed=5)
     perm = np.array([2, 0, 1])
-    soft_a, cent_a = soft_assignment(x[None], truth[None], 3, 0.1)
-    soft_b, cent_b = soft_assignment(x[None], perm[truth][None], 3, 0.1)
+    soft_a = soft_assignment(x[None], truth[None], 3, 0.1)
+    soft_b = soft_assignment(x[None], perm[truth][None], 3, 0.1)
     np.testing.assert_allclose(soft_a.sum(-1), 1.0, atol=1e-5)
-    match = align_clusters(cent_a, cent_b)
+    match = align_clusters(
+        cluster_means(x[None], truth[None], 3), cluster_means(x[None], perm[truth][None], 3)
+    )
     np.testing.assert_array_equal(match[0], perm)
     aligned = np.take_along_axis(soft_b, match[:, None, :], axis=2)
     np.testing.assert_allclose(aligned, soft_a, atol=1e-6)
+    # off-mask points get no assignment
+    labels = truth.copy()[None]
+    labels[0, :5] = -1
+    assert (soft_assignment(x[None], labels, 3, 0.1)[0, :5] == 0).all()
 
 
 # ------------------------------------------------------------------ steps 4-6
@@ -164,7 +254,8 @@ def test_sinkhorn_meets_marginals_and_matches_float64_reference():
     sim = f @ z.transpose(0, 2, 1)
     col = rng.dirichlet(np.ones(6), size=3).astype(np.float32)
     out = sinkhorn(sim, col, epsilon=0.1, max_iters=2000, tol=1e-6)
-    assert out.iterations < 2000 and (out.marginal_error < 1e-6).all()
+    assert (out.iterations < 2000).all() and (out.marginal_error < 1e-6).all()
+    assert out.converged.all() and out.iterations.shape == (3,)
     np.testing.assert_allclose(out.plan.sum(2), 1 / 50, atol=1e-6)
     np.testing.assert_allclose(out.plan.sum(1), col, atol=1e-5)
     for b in range(3):
@@ -181,12 +272,34 @@ def test_sinkhorn_is_stable_at_small_epsilon():
     np.testing.assert_allclose(out.plan.sum(1), 0.25, atol=1e-3)
 
 
-def test_prototype_marginal_prefers_prototypes_like_their_class_weight():
+def test_sinkhorn_reports_each_images_own_convergence():
+    """Sinkhorn contracts fast where every cost is alike and slowly where costs spread
+    far beyond epsilon: in one batch, each image reports its own iterations and error."""
+    rng = np.random.default_rng(2)
+    f = rng.normal(size=(2, 60, 8)).astype(np.float32)
+    z = rng.normal(size=(2, 4, 8)).astype(np.float32)
+    f[0], z[0] = f[0, :1] + 0.02 * f[0], f[0, :1] + 0.02 * z[0]  # image 0: costs nearly equal
+    f, z = l2_normalize(f), l2_normalize(z)
+    col = np.array([[0.25, 0.25, 0.25, 0.25], [0.01, 0.69, 0.15, 0.15]], np.float32)
+    out = sinkhorn(f @ z.transpose(0, 2, 1), col, epsilon=0.01, max_iters=100, tol=1e-6)
+    assert out.converged.tolist() == [True, False]
+    assert out.iterations[0] < 100 and out.iterations[1] == 100
+    assert out.marginal_error[1] >= 1e-6 > out.marginal_error[0]
+
+
+def test_softmax_marginal_prefers_prototypes_like_their_class_weight():
     w = np.array([[[1.0, 0.0], [0.0, 1.0]]], dtype=np.float32)
     z = l2_normalize(np.array([[[1, 0], [1, 1], [0, 1], [1, 0]]], dtype=np.float32))
-    v = prototype_marginal(z, w, k=2, temperature=0.5)
+    select = np.ones((1, 2, 5), bool)
+    v = softmax_marginal(z, w, select, k=2, temperature=0.5)
     np.testing.assert_allclose(v.sum(), 1.0, rtol=1e-6)
     assert v[0, 0] > v[0, 1] and v[0, 2] > v[0, 3]
+    # t = 1 is the paper's plain softmax over all (c, k) of cos(Z_ck, w_c)
+    logits = np.array([1.0, np.sqrt(0.5), 1.0, 0.0])
+    np.testing.assert_allclose(
+        softmax_marginal(z, w, select, 2, 1.0)[0], np.exp(logits) / np.exp(logits).sum(), rtol=1e-5
+    )
+    assert set(MARGINALS) == {"class_prior", "softmax"}
 
 
 def test_reweighting_hand_checked():
@@ -213,7 +326,10 @@ def test_reweighting_hand_checked():
 def test_class_prior_marginal_gives_each_class_its_share():
     w = np.array([[[1.0, 0.0], [0.0, 1.0]]], dtype=np.float32)
     z = l2_normalize(np.array([[[1, 0], [1, 1], [0, 1], [1, 0]]], dtype=np.float32))
-    v = prototype_marginal(z, w, k=2, temperature=0.5, class_prior=np.array([[0.2, 0.8]]))
+    select = np.zeros((1, 2, 10), bool)
+    select[0, 0, :2] = True  # the foreground CAM selected 2 patches, the background 8
+    select[0, 1, 2:] = True
+    v = class_prior_marginal(z, w, select, k=2, temperature=0.5)
     np.testing.assert_allclose(v[0, :2].sum(), 0.2, rtol=1e-6)
     np.testing.assert_allclose(v[0, 2:].sum(), 0.8, rtol=1e-6)
 
@@ -225,20 +341,50 @@ def test_nearest_prototype_plan_assigns_to_most_similar():
     np.testing.assert_allclose(plan.sum(-1), 0.5, rtol=1e-6)
 
 
-def test_refinement_lowers_the_consistency_objective():
+def _refinement_inputs(b=2, seed=0):
     from tests.conftest import blob_features
 
-    x, _, fg = blob_features(b=2, noise=0.9)
-    target = np.broadcast_to(fg.astype(np.float32), (2, fg.size)).copy()
-    omega = np.ones_like(target)
+    x, _, fg = blob_features(b=b, noise=0.9, seed=seed)
     w0 = l2_normalize(x.mean(1))
+    fg_mean = l2_normalize((x * fg[None, :, None]).sum(1))
+    bg_mean = l2_normalize((x * ~fg[None, :, None]).sum(1))
+    z = np.stack([fg_mean, bg_mean], axis=1).astype(np.float32)  # k = 1 per class
+    mass = np.full((b, 2), 0.5, np.float32)
+    omega = np.random.default_rng(seed).uniform(0.2, 1.0, size=(b, x.shape[1])).astype(np.float32)
+    return x, w0, z, mass, omega
 
-    def objective(w):
-        cams = class_activation_maps(x, w)
-        return consistency_loss(target, cams.scores[:, 0], omega).sum()
 
-    w1 = refine_seed(x, w0, target, omega, POTNetConfig(refine_steps=10, refine_lr=0.5))
-    assert objective(w1) < objective(w0)
+def test_torch_twins_equal_the_numpy_steps():
+    """Zero refinement steps reproduce steps 1 and 5 exactly (the maps L_con compares)."""
+    import torch
+
+    x, w0, z, mass, omega = _refinement_inputs()
+    out = refine_by_consistency(x, w0, z, mass, omega, 1, steps=0, lr=0.1, temperature=0.1)
+    cams = class_activation_maps(x, w0)
+    # a plan whose argmax keeps z and whose masses are `mass`: the updated prototypes equal z
+    plan = np.where((x @ z.transpose(0, 2, 1)).argmax(-1)[..., None] == np.arange(2), 0.5, 0.0)
+    plan = (plan / plan.sum((1, 2), keepdims=True)).astype(np.float32)
+    np.testing.assert_allclose(out.cam, cams.scores[:, 0], atol=1e-5)
+    f = torch.from_numpy(x)
+    a = torch_class_map(f, torch.from_numpy(z), torch.from_numpy(mass).log(), 1, 0.1).numpy()
+    np.testing.assert_allclose(out.saliency, a, atol=1e-6)
+    np.testing.assert_allclose(torch_cam(f, torch.from_numpy(w0)).numpy(), out.cam, atol=1e-6)
+    np.testing.assert_allclose(
+        out.loss, consistency_loss(out.saliency, out.cam, omega), rtol=1e-5, atol=1e-7
+    )
+    assert plan.shape == (2, x.shape[1], 2)
+
+
+def test_refinement_lowers_l_con_and_moves_both_maps():
+    x, w0, z, mass, omega = _refinement_inputs(b=3, seed=1)
+    before = refine_by_consistency(x, w0, z, mass, omega, 1, steps=0, lr=0.5, temperature=0.1)
+    after = refine_by_consistency(x, w0, z, mass, omega, 1, steps=5, lr=0.5, temperature=0.1)
+    assert (after.loss < before.loss).all()
+    assert np.abs(after.saliency - before.saliency).max() > 1e-3  # the prototype CAMs moved
+    assert np.abs(after.cam - before.cam).max() > 1e-3  # and so did the classifier's
+    # batched: each image refines exactly as it would alone
+    one = refine_by_consistency(x[1:2], w0[1:2], z[1:2], mass[1:2], omega[1:2], 1, 5, 0.5, 0.1)
+    np.testing.assert_allclose(one.saliency[0], after.saliency[1], atol=1e-5)
 
 
 # ------------------------------------------------------------------ step 7
@@ -300,3 +446,83 @@ def test_lanczos_path_finds_the_same_eigenvectors_as_lapack():
         assert abs(got[:, j] @ want[:, 1 - j]) > 0.999
     again = ARRAY_BACKENDS["numpy"].top_eigenvectors(sym[None], 2)[0]
     assert np.array_equal(got, again)  # deterministic start vector
+
+
+def test_transport_summary_and_its_warning():
+    import pyarrow as pa
+
+    from autosod_ray.pseudolabel import NOT_CONVERGED_WARNING, transport_lines, transport_summary
+
+    n = 200
+    iterations = np.full(n, 40, np.int32)
+    error = np.full(n, 1e-5, np.float32)
+    iterations[:3], error[:3] = 1000, 3e-3  # 1.5% did not converge
+    masks = pa.table({"ot_iterations": iterations, "ot_marginal_error": error})
+    t = transport_summary(masks, tol=1e-4)["transport"]
+    assert t["images"] == n and t["not_converged"] == 3
+    assert t["not_converged_fraction"] == pytest.approx(0.015)
+    assert t["not_converged_fraction"] > NOT_CONVERGED_WARNING
+    assert t["iterations"]["p50"] == 40 and t["iterations"]["max"] == 1000
+    lines = transport_lines(t)
+    assert "98.5% converged" in lines[0] and "WARNING" in lines[1] and "3 images" in lines[1]
+    iterations[:3], error[:3] = 40, 1e-5  # all converged: no warning
+    quiet = transport_summary(
+        pa.table({"ot_iterations": iterations, "ot_marginal_error": error}), 1e-4
+    )
+    assert len(transport_lines(quiet["transport"])) == 1
+    # no Sinkhorn ran (transport off, or predict): nothing to say
+    none = pa.table({"ot_iterations": np.zeros(4, np.int32), "ot_marginal_error": np.zeros(4)})
+    assert transport_summary(none, 1e-4) == {} and transport_lines(None) == []
+
+
+def test_batched_dense_eigensolver_honours_the_mask():
+    """The CuPy backend's solver, run here on numpy: the masked sub-problems' top
+    eigenvectors, as the per-matrix LAPACK / ARPACK path finds them."""
+    from autosod_ray.potnet.backend import ARRAY_BACKENDS, batched_top_eigenvectors
+
+    x, _ = blobs(n_per=40, seed=11)
+    mask = np.ones((3, len(x)), bool)
+    mask[1, ::3] = False
+    mask[2, 2:] = False  # a problem with fewer points than k
+    aff = knn_affinity(np.stack([x, x, x]), mask, 8)
+    deg = aff.sum(-1)
+    d = np.where(deg > 0, 1 / np.sqrt(np.maximum(deg, 1e-8)), 0)
+    sym = (aff * d[:, :, None] * d[:, None, :]).astype(np.float32)
+    got = batched_top_eigenvectors(sym, 3, mask)
+    want = ARRAY_BACKENDS["numpy"].top_eigenvectors(sym, 3, mask)
+    assert (got[~mask] == 0).all() and (got[2, :, 2] == 0).all()
+    for b in range(2):  # the same subspace (vectors are defined up to sign and rotation)
+        proj = got[b].T @ want[b]
+        np.testing.assert_allclose(np.linalg.svd(proj, compute_uv=False), 1.0, atol=1e-3)
+    # ignoring the mask (the old CuPy path): the 2-point problem's vectors leak off its mask
+    unmasked = batched_top_eigenvectors(sym, 3)
+    assert np.abs(unmasked[2][~mask[2]]).max() > 0.5
+
+
+def test_quality_signals_hand_checked():
+    from autosod_ray.potnet.quality import (
+        QUALITY_SIGNALS,
+        quality_score,
+        quality_signals,
+        separability,
+    )
+
+    clean = np.zeros((8, 8), np.float32)
+    clean[2:6, 2:6] = 1.0  # one square object, a two-valued map
+    split = clean.copy()
+    split[2:6, 3] = 0.0  # the same object cut in two: pieces of 8 and 4 patches
+    noisy = np.clip(clean + np.random.default_rng(0).uniform(-0.45, 0.45, clean.shape), 0, 1)
+    attention = np.zeros((8, 8), np.float32)
+    attention[3, 3] = 0.75  # three quarters of the CLS attention on the object
+    attention[0, 0] = 0.25
+    sal = np.stack([clean, split, noisy])
+    s = quality_signals(sal, np.stack([clean, clean, clean]), np.stack([attention] * 3))
+    assert separability(clean) == pytest.approx(1.0) and separability(np.ones((4, 4))) == 0.0
+    assert s["separability"][0] == pytest.approx(1.0)
+    assert s["separability"][0] > s["separability"][2]
+    np.testing.assert_allclose(s["largest_component"][:2], [1.0, 8 / 12])
+    np.testing.assert_allclose(s["seed_agreement"][:2], [1.0, 12 / 16])
+    np.testing.assert_allclose(s["attention_inside"][0], 0.75)
+    q = quality_score(s)
+    assert set(QUALITY_SIGNALS) <= set(s) and ((q > 0) & (q < 1)).all()
+    assert q[0] > q[2]  # the clean mask scores above the noisy one

@@ -45,7 +45,8 @@ BAD = {
     "bad/truncated.jpg": "corrupt or truncated",
     "bad/text.png": "not an image",
     "bad/tiny.png": "smaller than one patch",
-    "bad/bomb.png": "decompression bomb",
+    "bad/bomb.png": "decompression-bomb guard: 1200 x 1000 pixels > max_pixels 1000000 "
+    "(raise potnet.max_pixels to allow)",
 }
 MAX_PIXELS = 1_000_000
 
@@ -115,6 +116,7 @@ def check_output(out: Path | pd.DataFrame, errors: pd.DataFrame | None = None) -
     assert sorted(errors.image_id) == sorted(BAD)
     for _, row in errors.iterrows():
         assert BAD[row.image_id] in row.error, row.error
+        assert row.error_kind == "permanent"  # input problems: a rerun does not retry them
     for _, row in masks.iterrows():
         mask = np.asarray(Image.open(io.BytesIO(row.mask_png)))
         soft = np.asarray(Image.open(io.BytesIO(row.saliency_png)))
@@ -142,9 +144,14 @@ def test_job_labels_a_folder_and_resumes(dataset, tmp_path, weights_path):
         "fg_fraction",
         "confidence",
         "consistency_loss",
+        "quality",
+        "ot_iterations",
+        "ot_marginal_error",
         "backbone",
         "config_hash",
     } <= set(table.column_names)
+    masks = table.to_pandas()
+    assert masks.quality.between(0, 1).all() and (masks.ot_iterations > 0).all()
     assert all(pq.ParquetFile(f).metadata.num_rows <= 5 for f in (out / "masks").iterdir())
     import duckdb
 
@@ -153,11 +160,41 @@ def test_job_labels_a_folder_and_resumes(dataset, tmp_path, weights_path):
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "complete" and run["labelled"] == 12 and run["errors"] == 5
     assert run["config"]["backbone"]["image_size"] == 224 and len(run["config_hash"]) == 16
+    assert run["listing"] == {
+        "images": 17,
+        "ignored": {".txt": 1},
+        "unreadable": 0,
+        "symlink_loops": 0,
+    }
+    assert "ignored   1   (not images: 1 .txt)" in done.stdout
+    transport = run["transport"]  # Sinkhorn's convergence over the run
+    assert transport["images"] == 12 and 0 <= transport["not_converged_fraction"] <= 1
+    assert transport["iterations"]["max"] == masks.ot_iterations.max()
+    assert "transport" in done.stdout and "converged" in done.stdout
     # a rerun with the same config labels nothing again
     again = run_job(job_args(str(dataset), str(out), weights_path), env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "skipped   17" in again.stdout, again.stdout
     check_output(out)
+    # an earlier run's transient failure (a throttled read, say): the rerun retries that
+    # image, and only that one (permanent errors count as done)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from autosod_ray.data.parquet import ERROR_SCHEMA, drop_rows, write_table_atomic
+
+    retried = "photos/0002.jpg"
+    drop_rows(str(out), {}, "masks", lambda t: pc.equal(t.column("image_id"), retried))
+    row = {"image_id": retried, "source_uri": str(dataset / retried), "error": "could not read",
+           "error_kind": "transient", "config_hash": run["config_hash"]}  # fmt: skip
+    import fsspec
+
+    write_table_atomic(fsspec.filesystem("file"), str(out / "errors"),
+                       pa.Table.from_pylist([row], schema=ERROR_SCHEMA))  # fmt: skip
+    third = run_job(job_args(str(dataset), str(out), weights_path), env)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "skipped   16" in third.stdout and "labelled  12" in third.stdout, third.stdout
+    check_output(out)  # the transient row is gone, the image is labelled, exactly once
     # another config into the same output is refused, before any work
     other = run_job(
         job_args(str(dataset), str(out), weights_path, "--set", "potnet.num_clusters=2"), env
@@ -165,47 +202,91 @@ def test_job_labels_a_folder_and_resumes(dataset, tmp_path, weights_path):
     assert other.returncode == 2 and "--overwrite" in other.stderr
 
 
-def test_hub_weights_unreachable_fails_fast(dataset, tmp_path):
+@pytest.mark.parametrize("offline_env", [{"HF_HUB_OFFLINE": "1"}, {}], ids=["hf-offline", "no-net"])
+def test_hub_weights_unreachable_fails_fast(offline_env, dataset, tmp_path):
+    """No network (this machine has none) is found by a two-second probe of the hub, not
+    after the hub client's retries (67 s before)."""
+    start = time.monotonic()
     res = run_job(
         ["--input", str(dataset), "--output", str(tmp_path / "out")],
-        job_env(HF_HUB_OFFLINE="1"),
+        job_env(**offline_env),
         timeout=120,
     )
     assert res.returncode == 2 and "timm's hub" in res.stderr, res.stderr[-2000:]
+    assert "cannot be reached" in res.stderr and "backbone.weights" in res.stderr
     assert "Started a local Ray instance" not in res.stderr + res.stdout
+    assert time.monotonic() - start < 45
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--input", "/no/such/folder"], "does not exist"),
-        (["--input", "EMPTY"], "holds no images"),
-        (["--input", "DATA", "--set", "potnet.num_clusterz=3"], "num_clusters"),
-        (["--input", "DATA", "--set", "pipeline.pool_max=0"], "pipeline.pool_max"),
-        (["--input", "DATA", "--set", "backbone.name=not_a_model"], "not_a_model"),
-        (["--input", "DATA", "--set", "backbone.weights=/no/weights.pt"], "backbone.weights"),
-    ],
-)
-def test_bad_input_or_config_fails_fast(args, message, dataset, tmp_path, weights_path):
+BAD_RUNS = [
+    ({"input": "/no/such/folder"}, "does not exist"),
+    ({"input": "EMPTY"}, "holds no images"),
+    ({"input": "DATA", "potnet.num_clusterz": 3}, "num_clusters"),
+    ({"input": "DATA", "pipeline.pool_max": 0}, "pipeline.pool_max"),
+    ({"input": "DATA", "backbone.name": "not_a_model"}, "not_a_model"),
+    ({"input": "DATA", "backbone.weights": "/no/weights.pt"}, "backbone.weights"),
+    ({"input": "DATA", "backbone.weights": "JUNK"}, "not a readable safetensors"),
+    ({"input": "DATA", "pipeline.pool_min": 3}, "pipeline.pool_max"),
+]
+
+
+@pytest.mark.parametrize("sets, message", BAD_RUNS, ids=[m for _, m in BAD_RUNS])
+def test_bad_input_or_config_fails_before_ray(sets, message, dataset, tmp_path, weights_path):
+    """Each mistake stops the job with a message naming it, before Ray starts (in-process:
+    the library call that jobs/pseudolabel.py makes)."""
+    import ray
+
+    from autosod_ray.config import PseudolabelConfig, UserError, load_config
+    from autosod_ray.pseudolabel import run_pseudolabel
+
     (tmp_path / "empty").mkdir()
-    args = [{"EMPTY": str(tmp_path / "empty"), "DATA": str(dataset)}.get(a, a) for a in args]
+    (tmp_path / "junk.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
+    names = {"EMPTY": tmp_path / "empty", "DATA": dataset, "JUNK": tmp_path / "junk.safetensors"}
+    overrides = [f"backbone.weights={weights_path}", f"output={tmp_path / 'out'}"]
+    overrides += [f"{k}={names.get(v, v)}" for k, v in sets.items()]
+    with pytest.raises(UserError) as err:
+        run_pseudolabel(load_config(PseudolabelConfig, "configs/smoke.yaml", overrides))
+    assert message in str(err.value)
+    assert not ray.is_initialized()
+
+
+def test_a_user_error_is_one_line_and_exit_2(tmp_path, weights_path):
+    res = run_job(job_args("/no/such/folder", str(tmp_path / "o"), weights_path), job_env())
+    assert res.returncode == 2 and res.stderr.startswith("error: --input '/no/such/folder'")
+    assert len(res.stderr.strip().splitlines()) == 1 and "Started a local Ray" not in res.stdout
+
+
+def test_a_request_the_cluster_can_never_hold_stops_at_once(dataset, tmp_path, weights_path):
+    """More CPUs per actor than any node has: on a fixed-size cluster (the local Ray this
+    starts) the job stops with the key to change instead of waiting for ever."""
+    out = tmp_path / "out"
     start = time.monotonic()
-    res = run_job(
-        [
-            "--config",
-            "configs/smoke.yaml",
-            "--output",
-            str(tmp_path / "out"),
-            "--set",
-            f"backbone.weights={weights_path}",
-            *args,
-        ],
-        job_env(),
-        timeout=120,
-    )
-    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
-    assert "Started a local Ray instance" not in res.stderr + res.stdout
-    assert time.monotonic() - start < 60
+    res = run_job(job_args(str(dataset), str(out), weights_path, "--set", "pipeline.num_cpus=64"),
+                  job_env(), timeout=180)  # fmt: skip
+    assert res.returncode == 2 and "pipeline.num_cpus" in res.stderr, res.stderr[-2000:]
+    assert "no autoscaler" in res.stderr and "Traceback" not in res.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and "pipeline.num_cpus" in run["reason"]
+    assert time.monotonic() - start < 120
+
+
+def test_flags_are_strings_and_only_set_values_are_yaml():
+    import argparse
+
+    from autosod_ray.cli import load_job_config
+    from autosod_ray.config import PseudolabelConfig
+
+    keys = ("input", "output", "overwrite")
+    for value in ("runs/out #1", "yes", "2024", "null", "[a, b]"):
+        args = argparse.Namespace(
+            config=None, set=["potnet.num_clusters=4"], input=value, output=value, overwrite=False
+        )
+        cfg = load_job_config(PseudolabelConfig, args, keys)
+        assert cfg.output == value and cfg.input == value  # as typed, not YAML
+        assert cfg.potnet.num_clusters == 4 and cfg.overwrite is False  # --set: YAML scalars
+    args = argparse.Namespace(config=None, set=["output=a"], input="i", output="b", overwrite=True)
+    cfg = load_job_config(PseudolabelConfig, args, keys)
+    assert cfg.output == "b" and cfg.overwrite is True  # flags win over --set
 
 
 # ---------------------------------------------------------------- on a Ray head the test starts
@@ -267,6 +348,12 @@ def test_killed_driver_then_rerun_ends_exactly_once(dataset, tmp_path, ray_head,
     args = slow_job_args(dataset, out, weights_path)
     proc = _start_job(args, ray_head)
     wait_for(lambda: _written(out) >= 2, proc)
+    # a second run into the same output while the first lives is refused, naming the first
+    from autosod_ray.data.lease import LeaseError, OutputLease
+
+    with pytest.raises(LeaseError, match=f"in use by another run.*pid {proc.pid}"):
+        OutputLease(str(out), {}, "a second run").acquire()
+    assert proc.poll() is None
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-write
     proc.wait()
     partial = _written(out)
@@ -296,6 +383,31 @@ def test_killed_actor_is_replaced_and_output_is_exactly_once(
     assert run["duplicates"] == 0 and run["missing"] == 0 and run["status"] == "complete"
 
 
+def test_listing_follows_symlinked_folders_and_counts_what_it_leaves_out(tmp_path):
+    from autosod_ray.data.uris import scan_inputs
+
+    elsewhere = tmp_path / "elsewhere" / "more"
+    elsewhere.mkdir(parents=True)
+    root = tmp_path / "in"
+    root.mkdir()
+    for path in (root / "a.jpg", elsewhere / "b.JPG", elsewhere / "deep.png"):
+        Image.new("RGB", (32, 32)).save(path, format="PNG" if path.suffix == ".png" else "JPEG")
+    (root / "notes.txt").write_text("x")
+    (root / "anim.gif").write_bytes(b"GIF89a")
+    (root / "more").symlink_to(elsewhere)  # ln -s /data/more in/more
+    (elsewhere / "back").symlink_to(root)  # a loop back to the top
+    (root / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # a broken link
+    listing = scan_inputs(str(root), {})
+    ids = listing.table.column("image_id").to_pylist()
+    assert ids == ["a.jpg", "more/b.JPG", "more/deep.png"]
+    assert listing.report() == {
+        "images": 3,
+        "ignored": {".gif": 1, ".txt": 1},
+        "unreadable": 1,
+        "symlink_loops": 1,
+    }
+
+
 def test_manifest_inputs(tmp_path, dataset):
     """A CSV or Parquet manifest with a `uri` column; image_id from its column or the URI."""
     import pyarrow as pa
@@ -313,3 +425,21 @@ def test_manifest_inputs(tmp_path, dataset):
         list_inputs(str(tmp_path / "bad.parquet"), {})
     with pytest.raises(InputError, match="not a manifest"):
         list_inputs(str(dataset / "photos" / "0001.jpg"), {})
+
+
+def test_our_pixel_limit_is_the_one_in_force(monkeypatch):
+    """Raising max_pixels admits images Pillow's own guard would refuse; lowering it refuses."""
+    from PIL import Image as PILImage
+
+    from autosod_ray.data.images import ImageError, decode_image
+
+    buf = io.BytesIO()
+    PILImage.new("RGB", (100, 80), (10, 20, 30)).save(buf, format="PNG")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # Pillow's guard: 8000 px is a bomb
+    assert decode_image(buf.getvalue(), max_pixels=10**6).shape == (80, 100, 3)
+    assert PILImage.MAX_IMAGE_PIXELS == 1000  # left as it was found
+    with pytest.raises(ImageError) as err:
+        decode_image(buf.getvalue(), max_pixels=5000, max_pixels_key="max_pixels")
+    assert str(err.value) == (
+        "decompression-bomb guard: 100 x 80 pixels > max_pixels 5000 (raise max_pixels to allow)"
+    )

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from autosod_ray.config import PredictConfig, TrainConfig, load_config
+from autosod_ray.config import ConfigError, PredictConfig, TrainConfig, load_config
 from autosod_ray.data.uris import InputError
 from autosod_ray.predict import run_predict
 from autosod_ray.train.run import run_train
@@ -125,6 +125,109 @@ def test_train_two_workers_validate_resume_then_predict(
     )
 
 
+def test_quality_filter_keeps_the_best_masks(pseudo_masks, ray_head, tmp_path):
+    """data.keep_top_fraction / min_quality: chosen on the driver, applied by Ray Data."""
+    import ray
+
+    from autosod_ray.config import DataSection
+    from autosod_ray.data.training import read_pseudo_masks, select_pseudo_masks
+
+    assert len(pd.read_parquet(pseudo_masks / "errors")) == 0  # nothing failed: still a table
+    table = pq.read_table(pseudo_masks / "masks", columns=["image_id", "quality"])
+    quality = dict(zip(*table.to_pydict().values(), strict=True))
+    assert len(quality) == N_IMAGES and all(0 <= q <= 1 for q in quality.values())
+    best = sorted(quality, key=quality.get, reverse=True)[: N_IMAGES // 4]
+    sel = select_pseudo_masks(str(pseudo_masks), {}, DataSection(keep_top_fraction=0.25))
+    assert sel.rows == N_IMAGES and sel.kept == len(best)
+    assert sel.min_quality == pytest.approx(min(quality[i] for i in best))
+    ray.init(address=ray_head["address"])
+    try:
+        kept = read_pseudo_masks(sel).take_all()
+    finally:
+        ray.shutdown()
+    assert sorted(r["image_id"] for r in kept) == sorted(best)
+    assert set(kept[0]) == {"image_id", "source_uri", "mask_png"}
+    with pytest.raises(InputError, match="no mask passes"):
+        select_pseudo_masks(
+            str(pseudo_masks), {}, DataSection(min_quality=1.0, min_fg_fraction=0.5)
+        )
+    # pseudo-masks without a quality column cannot be filtered on it
+    plain = tmp_path / "plain" / "masks"
+    plain.mkdir(parents=True)
+    pq.write_table(
+        pq.read_table(pseudo_masks / "masks").drop_columns(["quality"]), plain / "p.parquet"
+    )
+    with pytest.raises(InputError, match="lacks a column the data filters read"):
+        select_pseudo_masks(str(plain.parent), {}, DataSection(min_quality=0.5))
+    assert select_pseudo_masks(str(plain.parent), {}, DataSection()).kept == N_IMAGES
+
+
+def test_token_cache_rows_are_the_encoders_own_tokens(pseudo_masks, photos, weights_path):
+    """One EncoderStage batch: view 0 is model.encode(image), view 1 the mirrored image's,
+    and each target is the pseudo-mask at the mask grid, mirrored with its view."""
+    import torch
+
+    from autosod_ray.data.stages import decode
+    from autosod_ray.model import build_autosod
+    from autosod_ray.train.token_cache import EncoderStage, area_target
+
+    cfg = load_config(
+        TrainConfig,
+        "configs/train-smoke.yaml",
+        [f"backbone.weights={weights_path}", "pseudo_masks=x", "output=y"],
+    )
+    rows = pq.read_table(pseudo_masks / "masks").slice(0, 2).to_pydict()
+    batch = {k: np.array(v, dtype=object) for k, v in rows.items()}
+    batch["data"] = np.array([(photos / i).read_bytes() for i in rows["image_id"]], dtype=object)
+    batch["error"] = np.array(["", ""], dtype=object)
+    batch["error_kind"] = np.array(["", ""], dtype=object)
+    batch = decode(batch, image_size=112, max_pixels=10**8, min_side=1)
+    out = EncoderStage(cfg.model_dump(mode="json"))(batch)
+    assert list(out["view"]) == [0, 0, 1, 1]
+    model = build_autosod(cfg.backbone, cfg.model).eval()
+    with torch.inference_mode():
+        want = model.encode(torch.as_tensor(batch["image"]))
+        mirrored = model.encode(torch.as_tensor(batch["image"][:, :, ::-1].copy()))
+    got = np.stack([np.frombuffer(t, np.float16).reshape(64, -1) for t in out["tokens"]])
+    np.testing.assert_allclose(got[:2], want.numpy(), atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(got[2:], mirrored.numpy(), atol=2e-2, rtol=1e-2)
+    target = area_target(rows["mask_png"][1], (8, 8))
+    assert target.shape == (16, 16) and 0 <= target.min() <= target.max() <= 1
+    got_t = [np.frombuffer(t, np.float16).reshape(16, 16) for t in out["target"]]
+    np.testing.assert_allclose(got_t[1], target, atol=1e-3)
+    np.testing.assert_allclose(got_t[3], target[:, ::-1], atol=1e-3)
+
+
+def test_train_on_cached_tokens_then_reuse_the_cache(
+    pseudo_masks, tmp_path, ray_head, weights_path
+):
+    out = tmp_path / "train"
+    env = job_env(RAY_ADDRESS=ray_head["address"])
+    args = train_args(str(pseudo_masks), str(out), weights_path, "--set", "data.cache_tokens=true")
+    args += ["--set", "scaling.num_workers=1", "--set", "data.keep_top_fraction=0.5"]
+    res = run_script("jobs/train.py", args, env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    summary = json.loads((out / "train.json").read_text())
+    cache = summary["token_cache"]
+    assert summary["pseudo_masks"]["kept"] == N_IMAGES // 2
+    assert cache["images"] == N_IMAGES // 2 and cache["rows"] == N_IMAGES  # two views each
+    assert cache["encoded"] == N_IMAGES and cache["location"].startswith(str(out / "token_cache"))
+    assert summary["steps"] == 6 and np.isfinite(summary["metrics"]["loss"])
+    # a longer schedule resumes from its checkpoint and encodes nothing again
+    res = run_script("jobs/train.py", [*args, "--set", "optim.max_steps=8"], env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["token_cache"]["encoded"] == 0 and summary["steps"] == 8
+    # the same command again: the run is complete, so nothing happens, and it says so
+    res = run_script("jobs/train.py", [*args, "--set", "optim.max_steps=8"], env)
+    assert res.returncode == 0 and "already complete" in res.stdout, res.stdout[-2000:]
+    assert "nothing to do" in res.stdout and "Started a local Ray" not in res.stdout + res.stderr
+    assert json.loads((out / "train.json").read_text()) == summary
+    # the cached rows need a frozen encoder
+    with pytest.raises(ConfigError, match="freeze_encoder"):
+        load_config(TrainConfig, None, ["data.cache_tokens=true", "optim.freeze_encoder=false"])
+
+
 def train_worker_pid(ray_head) -> int | None:
     """PID of a live Ray Train worker, from Ray's state API."""
     from ray.util.state import list_actors
@@ -181,7 +284,7 @@ def test_ray_job_submit_train_and_predict_on_s3(pseudo_masks, photos, s3, ray_he
 
     endpoint = ["--set", f"storage.endpoint_url={s3['endpoint']}"]
     args = train_args("s3://train/run1", "s3://train/train1", weights_path, *endpoint)
-    args += ["--set", "optim.max_steps=4"]
+    args += ["--set", "optim.max_steps=4", "--set", "scaling.num_workers=1"]  # DDP: tested above
     res = ray_job_submit(ray_head, ["jobs/train.py", *args], env_vars=s3["env"])
     assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
     assert json.loads(fs.cat_file("train/train1/train.json"))["steps"] == 4
@@ -223,7 +326,10 @@ def test_bad_train_inputs_fail_before_ray(sets, message, tmp_path, weights_path,
 def _fake_masks(tmp_path: Path) -> Path:
     root = tmp_path / "pl"
     (root / "masks").mkdir(parents=True)
-    pq.write_table(pa.table({"image_id": ["a"]}), root / "masks" / "part-0.parquet")
+    pq.write_table(
+        pa.table({"image_id": ["a"], "fg_fraction": pa.array([0.2], pa.float32())}),
+        root / "masks" / "part-0.parquet",
+    )
     return root
 
 
@@ -237,3 +343,15 @@ def test_predict_refuses_a_folder_that_is_not_a_model(tmp_path, photos):
         job_env(),
     )
     assert res.returncode == 2 and "not a trained model folder" in res.stderr
+    # random bytes as the weights: one clear line from the driver, before any Ray work
+    (tmp_path / "model.json").write_text(
+        json.dumps({"backbone": {"name": "vit_small_patch14_dinov2.lvd142m"}, "model": {}})
+    )
+    (tmp_path / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
+    res = run_script(
+        "jobs/predict.py",
+        ["--model", str(tmp_path), "--input", str(photos), "--output", str(tmp_path / "o")],
+        job_env(),
+    )
+    assert res.returncode == 2 and "does not load into the network" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and "Started a local Ray" not in res.stderr

@@ -11,8 +11,9 @@ import hashlib
 import io
 import posixpath
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -32,6 +33,9 @@ MASK_SCHEMA = pa.schema(
         ("fg_fraction", pa.float32()),
         ("confidence", pa.float32()),
         ("consistency_loss", pa.float32()),
+        ("quality", pa.float32()),
+        ("ot_iterations", pa.int32()),
+        ("ot_marginal_error", pa.float32()),
         ("backbone", pa.string()),
         ("config_hash", pa.string()),
     ]
@@ -41,10 +45,21 @@ ERROR_SCHEMA = pa.schema(
         ("image_id", pa.string()),
         ("source_uri", pa.string()),
         ("error", pa.string()),
+        ("error_kind", pa.string()),  # "permanent" (counts as done) or "transient" (retried)
         ("config_hash", pa.string()),
     ]
 )
 TABLES = {"masks": MASK_SCHEMA, "errors": ERROR_SCHEMA}
+
+# per-image scalars a labelling model reports, and the value of each it does not report
+# (predict's AutoSOD has no transport: NaN losses, 0 Sinkhorn iterations)
+MODEL_COLUMNS = {
+    "confidence": np.float32(np.nan),
+    "consistency_loss": np.float32(np.nan),
+    "quality": np.float32(np.nan),
+    "ot_iterations": np.int32(0),
+    "ot_marginal_error": np.float32(np.nan),
+}
 
 
 def shard_name(ids: list[str]) -> str:
@@ -68,6 +83,16 @@ def write_table_atomic(fs, directory: str, table: pa.Table) -> str:
     return final
 
 
+def ensure_tables(output: str, storage_options: dict) -> None:
+    """Give masks/ and errors/ an empty shard in their schema where they have none, so both
+    tables always exist and read back (pandas, DuckDB) even when nothing failed."""
+    fs, root = open_fs(output, storage_options)
+    for name, schema in TABLES.items():
+        directory = posixpath.join(root, name)
+        if not fs.exists(directory) or not any(p.endswith(".parquet") for p in fs.find(directory)):
+            write_table_atomic(fs, directory, schema.empty_table())
+
+
 def split_rows(table: pa.Table) -> dict[str, pa.Table]:
     """A stage output table -> {"masks": ..., "errors": ...} in the output schemas."""
     failed = pc.not_equal(table.column("error"), "")
@@ -77,15 +102,19 @@ def split_rows(table: pa.Table) -> dict[str, pa.Table]:
     }
 
 
-class PseudoMaskDatasink(Datasink):
-    """Writes each block's rows to <output>/masks or <output>/errors, bounded rows per file."""
+class ShardDatasink(Datasink):
+    """Writes each block's rows as Parquet shards of at most `rows_per_file` rows under
+    <output>/<folder>, where `route(table) -> {folder: rows}` decides the folders."""
 
-    def __init__(self, output: str, storage_options: dict, rows_per_file: int):
-        self.output, self.storage_options, self.rows_per_file = (
-            output,
-            storage_options,
-            rows_per_file,
-        )
+    def __init__(
+        self,
+        output: str,
+        storage_options: dict,
+        rows_per_file: int,
+        route: Callable[[pa.Table], dict[str, pa.Table]],
+    ):
+        self.output, self.storage_options = output, storage_options
+        self.rows_per_file, self.route = rows_per_file, route
 
     @property
     def min_rows_per_write(self) -> int:
@@ -95,10 +124,11 @@ class PseudoMaskDatasink(Datasink):
         fs, root = open_fs(self.output, self.storage_options)
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
-        counts = dict.fromkeys(TABLES, 0)
+        counts: dict[str, int] = {}
         if not tables:
             return counts
-        for name, part in split_rows(pa.concat_tables(tables, promote_options="default")).items():
+        for name, part in self.route(pa.concat_tables(tables, promote_options="default")).items():
+            counts[name] = counts.get(name, 0)
             for start in range(0, part.num_rows, self.rows_per_file):
                 chunk = part.slice(start, self.rows_per_file)
                 write_table_atomic(fs, posixpath.join(root, name), chunk)
@@ -106,21 +136,76 @@ class PseudoMaskDatasink(Datasink):
         return counts
 
 
-def read_ids(
-    output: str, storage_options: dict, table: str, config_hash: str | None = None
-) -> list[str]:
-    """image_id of every row in <output>/<table> (optionally of one config hash only)."""
-    fs, root = open_fs(output, storage_options)
-    directory = posixpath.join(root, table)
-    if not fs.exists(directory):
+def PseudoMaskDatasink(output: str, storage_options: dict, rows_per_file: int) -> ShardDatasink:
+    """<output>/masks and <output>/errors, in their schemas."""
+    return ShardDatasink(output, storage_options, rows_per_file, split_rows)
+
+
+def read_table_folder(uri: str, storage_options: dict, columns: list[str]) -> pa.Table:
+    """`columns` of every Parquet file under `uri` (none there: an empty table), skipping
+    the `_`- and `.`-prefixed names that writers use for files not yet complete."""
+    fs, root = open_fs(uri, storage_options)
+    parts = [_read_columns(fs, path, columns) for path in shard_files(fs, root)]
+    return pa.concat_tables(parts) if parts else pa.table({c: pa.array([]) for c in columns})
+
+
+def shard_files(fs, root: str) -> list[str]:
+    """The complete Parquet files under `root` (writers' `_`/`.`-prefixed files skipped)."""
+    if not fs.exists(root):
         return []
-    ids: list[str] = []
-    for path in sorted(fs.find(directory)):
-        if not path.endswith(".parquet") or posixpath.basename(path).startswith(("_", ".")):
-            continue
+    return [
+        p
+        for p in sorted(fs.find(root))
+        if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", "."))
+    ]
+
+
+def _read_columns(fs, path: str, columns: list[str]) -> pa.Table:
+    """`columns` of one file; a column the file predates reads as nulls."""
+    with fs.open(path, "rb") as fh:
+        f = pq.ParquetFile(fh)
+        have = [c for c in columns if c in f.schema_arrow.names]
+        t = f.read(columns=have)
+    for c in columns:
+        if c not in have:
+            t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+    return t.select(columns)
+
+
+def drop_rows(output: str, storage_options: dict, table: str, drop) -> int:
+    """Remove the rows `drop(t) -> bool array` selects from <output>/<table>, file by file
+    (each file with such rows is removed, then its remaining rows written back, so a crash
+    in between loses rows that a rerun redoes, never duplicates them); returns how many."""
+    fs, root = open_fs(output, storage_options)
+    directory, dropped = posixpath.join(root, table), 0
+    for path in shard_files(fs, directory):
         with fs.open(path, "rb") as fh:
-            t = pq.read_table(fh, columns=["image_id", "config_hash"])
-        if config_hash is not None:
-            t = t.filter(pc.equal(t.column("config_hash"), config_hash))
-        ids.extend(t.column("image_id").to_pylist())
-    return ids
+            t = pq.read_table(fh)
+        gone = drop(t)
+        gone = gone.combine_chunks() if isinstance(gone, pa.ChunkedArray) else pa.array(gone)
+        n = pc.sum(gone).as_py() or 0
+        if n:
+            fs.rm(path)
+            rest = t.filter(pc.invert(gone))
+            if rest.num_rows:
+                write_table_atomic(fs, directory, rest)
+            dropped += n
+    return dropped
+
+
+def read_rows(
+    output: str,
+    storage_options: dict,
+    table: str,
+    columns: list[str],
+    config_hash: str | None = None,
+) -> pa.Table:
+    """`columns` of every row in <output>/<table> (optionally of one config hash only)."""
+    schema = pa.schema([TABLES[table].field(c) for c in columns])
+    wanted = sorted({*columns, "config_hash"})
+    t = read_table_folder(posixpath.join(output, table), storage_options, wanted)
+    if not t.num_rows:
+        return schema.empty_table()
+    if config_hash is not None:
+        t = t.filter(pc.equal(t.column("config_hash"), config_hash))
+    return t.select(columns).cast(schema)

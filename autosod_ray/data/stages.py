@@ -4,52 +4,94 @@
 
 Columns along the way:
     list    image_id, source_uri
-    read    + data (encoded bytes), error ("" when fine)
+    read    + data (encoded bytes), error ("" when fine), error_kind
     decode  - data, + image (S x S x 3 uint8), height, width
-    model   - image, + saliency (h x w float32), confidence, consistency_loss
+    model   - image, + saliency (h x w float32), confidence, consistency_loss, quality,
+              ot_iterations, ot_marginal_error
     encode  - saliency, + mask_png, saliency_png, fg_fraction, backbone, config_hash
 """
 
 from __future__ import annotations
 
 import io
+import random
+import time
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
 from .images import ImageError, decode_image, resize_square
+from .parquet import MODEL_COLUMNS
 from .uris import read_bytes_at
+
+# a row's error_kind: input problems stay (undecodable, not an image, too small, a bomb, gone);
+# anything else (I/O, throttling, timeouts, out of memory, a failed model call) is tried again
+PERMANENT, TRANSIENT = "permanent", "transient"
+READ_ATTEMPTS = 4  # a read is tried this many times, backing off 0.5, 1, 2 s (plus jitter)
+
+
+def read_with_retries(uri: str, storage_options: dict, attempts: int = READ_ATTEMPTS) -> bytes:
+    """The bytes at `uri`; transient failures are retried with exponential back-off, a file
+    that is not there (or not a file) fails at once."""
+    for attempt in range(attempts):
+        try:
+            return read_bytes_at(uri, storage_options)  # fsspec caches filesystems
+        except (FileNotFoundError, IsADirectoryError):
+            raise
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt * (1 + 0.2 * random.random()))
+    raise AssertionError("unreachable")
 
 
 def read_bytes(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
-    """Fetch each source_uri; a failure becomes that row's error, never the batch's."""
-    data, errors = [], []
+    """Fetch each source_uri; a failure becomes that row's error (and its kind), never the
+    batch's."""
+    data, errors, kinds = [], [], []
     for uri in batch["source_uri"]:
         try:
-            data.append(read_bytes_at(uri, storage_options))  # fsspec caches filesystems
+            data.append(read_with_retries(uri, storage_options))
             errors.append("")
-        except (OSError, ValueError) as err:
+            kinds.append("")
+        except (FileNotFoundError, IsADirectoryError) as err:
             data.append(b"")
             errors.append(f"could not read: {type(err).__name__}: {err}")
-    return {**batch, "data": np.array(data, dtype=object), "error": np.array(errors, dtype=object)}
+            kinds.append(PERMANENT)
+        except (OSError, ValueError) as err:
+            data.append(b"")
+            errors.append(
+                f"could not read after {READ_ATTEMPTS} tries: {type(err).__name__}: {err}"
+            )
+            kinds.append(TRANSIENT)
+    return {
+        **batch,
+        "data": np.array(data, dtype=object),
+        "error": np.array(errors, dtype=object),
+        "error_kind": np.array(kinds, dtype=object),
+    }
 
 
 def decode(
-    batch: dict[str, np.ndarray], image_size: int, max_pixels: int, min_side: int
+    batch: dict[str, np.ndarray],
+    image_size: int,
+    max_pixels: int,
+    min_side: int,
+    max_pixels_key: str = "max_pixels",
 ) -> dict[str, np.ndarray]:
     """Bytes -> upright RGB resized to image_size^2; undecodable rows keep a reason."""
     n = len(batch["image_id"])
     images = np.zeros((n, image_size, image_size, 3), np.uint8)
     heights, widths = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    errors = list(batch["error"])
+    errors, kinds = list(batch["error"]), list(batch["error_kind"])
     for i, blob in enumerate(batch["data"]):
         if errors[i]:
             continue
         try:
-            image = decode_image(blob, max_pixels, min_side)
+            image = decode_image(blob, max_pixels, min_side, max_pixels_key)
         except ImageError as err:
-            errors[i] = str(err)
+            errors[i], kinds[i] = str(err), PERMANENT
             continue
         heights[i], widths[i] = image.shape[:2]
         images[i] = resize_square(image, image_size)
@@ -60,42 +102,76 @@ def decode(
         "height": heights,
         "width": widths,
         "error": np.array(errors, dtype=object),
+        "error_kind": np.array(kinds, dtype=object),
     }
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or an allocator's RuntimeError."""
+    return (
+        isinstance(err, MemoryError)
+        or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+        or type(err).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in str(err)
+    )
 
 
 class ModelStage:
     """Actor stage: holds the model (built once) and labels the rows without errors.
 
     `model_factory()` returns a callable images (B x S x S x 3 uint8) ->
-    (saliency B x h x w, confidence B, consistency_loss B).
+    (saliency B x h x w, {column: B values}) for some of `MODEL_COLUMNS`; the
+    columns it does not report get their schema default. A batch the model fails
+    on (out of memory, or any other error) is split in halves and each half tried
+    again, down to single images: one bad image, or a batch too big for the
+    device, costs no other row. An image that still fails gets a transient error.
     """
 
     def __init__(self, model_factory: Callable[[], Callable]):
         self.model = model_factory()
 
+    def _label(self, images: np.ndarray, rows: np.ndarray, results: dict) -> None:
+        """Label `images` (their row numbers `rows`) into `results`, splitting on failure."""
+        try:
+            saliency, columns = self.model(images)
+        except Exception as err:  # noqa: BLE001 - isolated below, then a row's error
+            if len(rows) == 1:
+                oom = "out of memory" if out_of_memory(err) else "labelling failed"
+                results[int(rows[0])] = f"{oom}: {type(err).__name__}: {err}"
+                return
+            half = len(rows) // 2
+            self._label(images[:half], rows[:half], results)
+            self._label(images[half:], rows[half:], results)
+            return
+        for j, i in enumerate(rows):
+            results[int(i)] = (saliency[j], {k: v[j] for k, v in columns.items()})
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.array([e == "" for e in batch["error"]], dtype=bool)
-        errors = list(batch["error"])
+        errors, kinds = list(batch["error"]), list(batch["error_kind"])
         out = {k: v for k, v in batch.items() if k != "image"}
-        saliency = confidence = loss = None
+        results: dict[int, object] = {}
         if ok.any():
-            try:
-                saliency, confidence, loss = self.model(batch["image"][ok])
-            except Exception as err:  # noqa: BLE001 - the batch's rows go to the errors table
-                for i in np.flatnonzero(ok):
-                    errors[i] = f"labelling failed: {type(err).__name__}: {err}"
-                ok[:] = False
-        grid = saliency.shape[1:] if saliency is not None else (1, 1)
+            self._label(batch["image"][ok], np.flatnonzero(ok), results)
+        done = {i: r for i, r in results.items() if not isinstance(r, str)}
+        for i, reason in results.items():
+            if isinstance(reason, str):
+                errors[i], kinds[i] = reason, TRANSIENT
+        grid = next(iter(done.values()))[0].shape if done else (1, 1)
         full_sal = np.zeros((len(ok),) + tuple(grid), np.float32)
-        full_conf, full_loss = np.zeros(len(ok), np.float32), np.zeros(len(ok), np.float32)
-        if saliency is not None and ok.any():
-            full_sal[ok], full_conf[ok], full_loss[ok] = saliency, confidence, loss
+        for i, (saliency, _) in done.items():
+            full_sal[i] = saliency
+        for name, default in MODEL_COLUMNS.items():
+            values = np.full(len(ok), default)
+            for i, (_, columns) in done.items():
+                if name in columns:
+                    values[i] = columns[name]
+            out[name] = values
         return {
             **out,
             "saliency": full_sal,
-            "confidence": full_conf,
-            "consistency_loss": full_loss,
             "error": np.array(errors, dtype=object),
+            "error_kind": np.array(kinds, dtype=object),
         }
 
 

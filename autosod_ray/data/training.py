@@ -7,15 +7,18 @@ decode both, augment) -> the trainer's `iter_torch_batches`
 from __future__ import annotations
 
 import posixpath
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
-from ..config import AugmentConfig
+from ..config import AugmentConfig, DataSection
 from .augment import augment_pair
 from .images import ImageError, decode_gray, decode_image, resize_square
+from .stages import read_with_retries
 from .uris import InputError, file_stem, list_inputs, open_fs, pngs_by_stem, read_bytes_at
 
-COLUMNS = ["image_id", "source_uri", "mask_png", "fg_fraction"]
+COLUMNS = ["image_id", "source_uri", "mask_png"]
 
 
 def masks_folder(uri: str, storage_options: dict) -> tuple[object, str]:
@@ -33,22 +36,78 @@ def masks_folder(uri: str, storage_options: dict) -> tuple[object, str]:
     return fs, root
 
 
-def read_pseudo_masks(uri: str, storage_options: dict, augment: AugmentConfig):
-    """A Ray Dataset of (image_id, source_uri, mask_png) rows kept for training."""
+def quality_threshold(quality: np.ndarray, min_quality: float, keep_top_fraction: float) -> float:
+    """The lowest `quality` a pseudo-mask may have to train: at least `min_quality`, and
+    high enough that about `keep_top_fraction` of the masks (the best) remain."""
+    q = np.sort(np.asarray(quality, np.float64))
+    threshold = min_quality
+    if keep_top_fraction < 1 and len(q):
+        cut = min(len(q) - 1, int(np.floor(len(q) * (1 - keep_top_fraction))))
+        threshold = max(threshold, float(q[cut]))
+    return threshold
+
+
+@dataclass
+class TrainingSet:
+    """The pseudo-masks a training run keeps, chosen on the driver before any Ray work."""
+
+    root: str  # the masks/ folder
+    filesystem: object  # pyarrow filesystem over it
+    conditions: list[str]  # Ray Data filter expressions that keep exactly those rows
+    rows: int  # pseudo-masks found
+    kept: int  # pseudo-masks that pass the data filters
+    min_quality: float | None  # the quality threshold in force (None: no quality filter)
+    filter_columns: list[str]  # the columns the conditions read
+
+
+def select_pseudo_masks(uri: str, storage_options: dict, data: DataSection) -> TrainingSet:
+    """Read only the filter columns, apply the `data` filters, fail if nothing is left."""
     import pyarrow.fs as pafs
-    import ray
+    import pyarrow.parquet as pq
 
     fs, root = masks_folder(uri, storage_options)
+    filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    columns = ["fg_fraction"] + (["quality"] if data.filters_quality else [])
+    try:
+        table = pq.read_table(root, filesystem=filesystem, columns=columns)
+    except (KeyError, ValueError, pa.ArrowInvalid) as err:
+        raise InputError(
+            f"--pseudo-masks {uri!r} lacks a column the data filters read (they read "
+            f"{', '.join(columns)}: {str(err).splitlines()[0]}); give a pseudolabel output"
+        ) from None
+    fg = table.column("fg_fraction").to_numpy(zero_copy_only=False)
+    keep = (fg >= data.min_fg_fraction) & (fg <= data.max_fg_fraction)
+    conditions = [
+        f"fg_fraction >= {data.min_fg_fraction}",
+        f"fg_fraction <= {data.max_fg_fraction}",
+    ]
+    threshold = None
+    if data.filters_quality:
+        quality = table.column("quality").to_numpy(zero_copy_only=False)
+        threshold = quality_threshold(quality[keep], data.min_quality, data.keep_top_fraction)
+        keep &= quality >= threshold
+        conditions.append(f"quality >= {threshold!r}")
+    if not keep.any():
+        raise InputError(
+            f"--pseudo-masks {uri!r}: no mask passes the data filters (of {len(keep)}); "
+            "relax data.min_fg_fraction / max_fg_fraction / min_quality / keep_top_fraction"
+        )
+    return TrainingSet(root, filesystem, conditions, len(keep), int(keep.sum()), threshold, columns)
+
+
+def read_pseudo_masks(selection: TrainingSet, keep_filter_columns: bool = False):
+    """A Ray Dataset of the (image_id, source_uri, mask_png) rows the selection keeps
+    (and the filter columns, with `keep_filter_columns`)."""
+    import ray
+
     ds = ray.data.read_parquet(
-        root,
-        filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
-        columns=COLUMNS,
+        selection.root,
+        filesystem=selection.filesystem,
+        columns=COLUMNS + selection.filter_columns,
         file_extensions=["parquet"],
     )
-    lo, hi = augment.min_fg_fraction, augment.max_fg_fraction
-    if lo > 0 or hi < 1:
-        ds = ds.filter(expr=f"fg_fraction >= {lo} and fg_fraction <= {hi}")
-    return ds
+    ds = ds.filter(expr=" and ".join(selection.conditions))
+    return ds if keep_filter_columns else ds.select_columns(COLUMNS)
 
 
 def load_pairs(
@@ -67,7 +126,7 @@ def load_pairs(
     images, masks = [], []
     for uri, png in zip(batch["source_uri"], batch["mask_png"], strict=True):
         try:
-            image = decode_image(read_bytes_at(uri, storage_options), max_pixels)
+            image = decode_image(read_with_retries(uri, storage_options), max_pixels)
             mask = decode_gray(png)
             if mask.shape != image.shape[:2]:
                 raise ImageError(f"mask {mask.shape} does not match image {image.shape[:2]}")

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import io
+import os
 import posixpath
+from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from ..config import UserError
 from .images import IMAGE_EXTENSIONS
 
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A bad --input: the message says what is wrong and how to fix it."""
 
 
@@ -37,20 +40,76 @@ def full_uri(fs, path: str) -> str:
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
-def list_inputs(uri: str, storage_options: dict, manifest_column: str = "uri") -> pa.Table:
-    """Every input image as a row (image_id, source_uri), sorted by image_id.
+@dataclass
+class Listing:
+    """Every input image, and what the listing saw but did not take, with reasons."""
 
-    A folder is searched recursively for image extensions (any case) and
-    image_id is the path relative to it; a manifest (.parquet / .csv) gives URIs
-    in `manifest_column` and image_id from an `image_id` column or the URI.
+    table: pa.Table  # image_id, source_uri; sorted by image_id
+    ignored: dict[str, int] = field(default_factory=dict)  # extension -> files not images
+    unreadable: int = 0  # entries the listing could not read (or broken links)
+    loops: int = 0  # symlinked folders not entered again (they lead back into the walk)
+
+    def report(self) -> dict:
+        return {
+            "images": self.table.num_rows,
+            "ignored": dict(sorted(self.ignored.items())),
+            "unreadable": self.unreadable,
+            "symlink_loops": self.loops,
+        }
+
+
+def _walk_local(root: str) -> tuple[list[str], dict[str, int], int, int]:
+    """A local folder, symlinked sub-folders followed once each: (image paths, ignored
+    extensions, unreadable entries, loops)."""
+    paths, ignored, unreadable, loops, seen = [], {}, [0], 0, set()
+
+    def count_error(_err: OSError) -> None:
+        unreadable[0] += 1
+
+    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=count_error):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back into the walk: its contents are listed already
+            subfolders[:] = []
+            loops += 1
+            continue
+        seen.add(real)
+        for name in files:
+            path = posixpath.join(folder, name)
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                ext = posixpath.splitext(name)[1].lower() or "(no extension)"
+                ignored[ext] = ignored.get(ext, 0) + 1
+            elif not os.path.exists(path):  # a broken link
+                unreadable[0] += 1
+            else:
+                paths.append(path)
+    return paths, ignored, unreadable[0], loops
+
+
+def scan_inputs(uri: str, storage_options: dict, manifest_column: str = "uri") -> Listing:
+    """Every input image as a row (image_id, source_uri), sorted by image_id, and what
+    was left out and why.
+
+    A folder is searched recursively for image extensions (any case); local symlinked
+    sub-folders are followed (each real folder once); image_id is the path relative to
+    the folder. A manifest (.parquet / .csv) gives URIs in `manifest_column` and
+    image_id from an `image_id` column or the URI.
     """
     try:
         fs, root = open_fs(uri, storage_options)
         if not fs.exists(root):
             raise InputError(f"--input {uri!r} does not exist; give a folder, URI or manifest")
         if fs.isfile(root):
-            return _read_manifest(fs, root, uri, manifest_column)
-        paths = [p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS)]
+            return Listing(_read_manifest(fs, root, uri, manifest_column))
+        root = root.rstrip("/")
+        if _is_local(fs):
+            paths, ignored, unreadable, loops = _walk_local(root)
+        else:
+            found, ignored, unreadable, loops = fs.find(root), {}, 0, 0
+            paths = [p for p in found if p.lower().endswith(IMAGE_EXTENSIONS)]
+            for p in found:
+                if not p.lower().endswith(IMAGE_EXTENSIONS):
+                    ext = posixpath.splitext(p)[1].lower() or "(no extension)"
+                    ignored[ext] = ignored.get(ext, 0) + 1
     except PermissionError as err:
         raise InputError(
             f"--input {uri!r}: permission denied ({err}); check the credentials"
@@ -59,10 +118,19 @@ def list_inputs(uri: str, storage_options: dict, manifest_column: str = "uri") -
         raise InputError(
             f"--input {uri!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}, any case)"
         )
-    root = root.rstrip("/")
     ids = [posixpath.relpath(p, root) for p in paths]
     table = pa.table({"image_id": ids, "source_uri": [full_uri(fs, p) for p in paths]})
-    return table.sort_by("image_id")
+    return Listing(table.sort_by("image_id"), ignored, unreadable, loops)
+
+
+def list_inputs(uri: str, storage_options: dict, manifest_column: str = "uri") -> pa.Table:
+    """`scan_inputs`' table alone: (image_id, source_uri) rows sorted by image_id."""
+    return scan_inputs(uri, storage_options, manifest_column).table
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocol))
 
 
 def _read_manifest(fs, path: str, uri: str, column: str) -> pa.Table:

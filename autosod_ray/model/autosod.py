@@ -104,21 +104,32 @@ class AutoSOD(nn.Module):
         x = images.permute(0, 3, 1, 2).float().div(255.0)
         return (x - self.mean[:, None, None]) / self.std[:, None, None]
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """B x 3 x H x W -> B x N x D patch tokens (prefix tokens dropped)."""
-        tokens = self.encoder.forward_features(x)
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """B x H x W x 3 uint8 -> B x N x D encoder patch tokens (prefix tokens dropped)."""
+        tokens = self.encoder.forward_features(self.normalise(images))
         return tokens[:, self.encoder.num_prefix_tokens :]
 
-    def forward(self, images: torch.Tensor) -> AutoSODOutput:
-        """B x H x W x 3 uint8 (H, W multiples of the patch) -> every layer's predictions."""
-        b, h, w = (
-            images.shape[0],
-            images.shape[1] // self.patch_size,
-            images.shape[2] // self.patch_size,
-        )
-        tokens = self.encode(self.normalise(images))
-        grid = tokens.transpose(1, 2).reshape(b, -1, h, w)
-        pixels = self.pixel_decoder(grid)  # B x C x 2h x 2w
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The token grid of an input at the model's own size."""
+        side = self.image_size // self.patch_size
+        return side, side
+
+    def forward(
+        self, images: torch.Tensor | None = None, *, tokens: torch.Tensor | None = None
+    ) -> AutoSODOutput:
+        """B x H x W x 3 uint8 images (H, W multiples of the patch), or the B x N x D
+        encoder tokens of images at the model's own size -> every layer's predictions."""
+        if tokens is not None:
+            return self.decode(tokens, self.grid)
+        grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
+        return self.decode(self.encode(images), grid)
+
+    def decode(self, tokens: torch.Tensor, grid: tuple[int, int]) -> AutoSODOutput:
+        """B x N x D encoder tokens on an h x w grid -> every layer's predictions (the part
+        that trains when the encoder is frozen, e.g. from cached tokens)."""
+        (b, _, d), (h, w) = tokens.shape, grid
+        pixels = self.pixel_decoder(tokens.transpose(1, 2).reshape(b, d, h, w))  # B x C x 2h x 2w
         memory = self.memory_proj(tokens)
         q = self.query_feat.weight[None].expand(b, -1, -1)
         pos = self.query_pos.weight[None].expand(b, -1, -1)

@@ -53,10 +53,17 @@ def load_model(uri: str, storage_options: dict) -> tuple[AutoSOD, dict]:
 
     meta = read_model_meta(uri, storage_options)
     fs, root = open_fs(uri, storage_options)
-    state = load(fs.cat_file(posixpath.join(root.rstrip("/"), WEIGHTS)))
-    backbone = BackboneConfig.model_validate(meta["backbone"])
-    net = build_autosod(backbone, ModelConfig.model_validate(meta["model"]), pretrained=False)
-    net.load_state_dict(state, strict=True)
+    try:
+        state = load(fs.cat_file(posixpath.join(root.rstrip("/"), WEIGHTS)))
+        backbone = BackboneConfig.model_validate(meta["backbone"])
+        net = build_autosod(backbone, ModelConfig.model_validate(meta["model"]), pretrained=False)
+        net.load_state_dict(state, strict=True)
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign model folder
+        raise InputError(
+            f"--model {uri!r}: {WEIGHTS} does not load into the network {META} describes "
+            f"({type(err).__name__}: {str(err)[:300]}); give the model/ folder jobs/train.py "
+            "wrote, unchanged"
+        ) from None
     return net.eval(), meta
 
 

@@ -53,20 +53,25 @@ def _numpy_from_torch(t):
 
 
 # from this many rows on, Lanczos (ARPACK) beats LAPACK's dense partial solver
-LANCZOS_MIN_N = 1500
+# (single thread, float32: 1024 rows 0.012 s against 0.075 s; 300 rows about even)
+LANCZOS_MIN_N = 256
 
 
 def _top_k_symmetric(sub: np.ndarray, k: int) -> np.ndarray:
     """n x n symmetric -> n x k eigenvectors of its k largest eigenvalues, descending.
 
     Dense LAPACK (syevr, O(n^3)) for small n; Lanczos (ARPACK, O(n^2) per
-    iteration) for large n, e.g. the 3136 tokens of a patch-8 ViT at 448 px.
+    iteration, in the matrix's own precision, from a fixed start vector so the
+    result is deterministic) for large n, falling back to LAPACK if it stalls.
     """
     n = sub.shape[0]
     if n >= LANCZOS_MIN_N and k < n // 10:
-        v0 = np.random.default_rng(0).standard_normal(n)  # fixed start: deterministic
-        vals, vecs = scipy.sparse.linalg.eigsh(sub.astype(np.float64), k=k, which="LA", v0=v0)
-        return vecs[:, np.argsort(vals)[::-1]]
+        v0 = np.random.default_rng(0).standard_normal(n).astype(sub.dtype)
+        try:
+            vals, vecs = scipy.sparse.linalg.eigsh(sub, k=k, which="LA", v0=v0)
+            return vecs[:, np.argsort(vals)[::-1]]
+        except scipy.sparse.linalg.ArpackNoConvergence:
+            pass
     _, vecs = scipy.linalg.eigh(sub, subset_by_index=[n - k, n - 1], check_finite=False)
     return vecs[:, ::-1]
 
@@ -93,16 +98,33 @@ def _cupy_from_torch(t):
     return cupy.from_dlpack(t.detach().float().contiguous())  # zero-copy on the same device
 
 
-def _cupy_top_eigenvectors(m, k: int, mask=None):
-    cupy = _cupy()
-    # batched over the leading axis; masked-out rows are zero and only add zero eigenvalues
-    _, vecs = cupy.linalg.eigh(m)
-    return vecs[..., ::-1][..., :k]
+def batched_top_eigenvectors(m, k: int, mask=None):
+    """B x n x n normalised affinities (eigenvalues in [-1, 1]) -> B x n x k eigenvectors of
+    the k largest eigenvalues, descending, from one batched dense `eigh` in the input's
+    namespace (cupy's batched solver on a GPU; numpy runs the same code on a CPU).
+
+    With `mask` (B x n bool) each problem is its masked sub-matrix: masked-out rows and
+    columns become an isolated block of eigenvalue -2, below every eigenvalue of the
+    sub-matrix, so the top k come from it; vectors are zero off the mask (and columns
+    beyond a problem's own size are zero, as in the per-matrix path).
+    """
+    xp = array_namespace(m)
+    if mask is not None:
+        off = ~mask
+        m = xp.where(mask[:, :, None] & mask[:, None, :], m, 0.0)
+        n = m.shape[-1]
+        m = m - 2.0 * xp.eye(n, dtype=m.dtype)[None] * off[:, None, :].astype(m.dtype)
+    _, vecs = xp.linalg.eigh(m)
+    top = vecs[..., ::-1][..., :k]
+    if mask is not None:
+        top = top * mask[..., None]
+        # a problem smaller than k: its extra vectors came from the -2 block, now all zero
+    return top
 
 
 ARRAY_BACKENDS: dict[str, ArrayBackend] = {
     "numpy": ArrayBackend("numpy", _numpy_from_torch, _numpy_top_eigenvectors),
-    "cupy": ArrayBackend("cupy", _cupy_from_torch, _cupy_top_eigenvectors),
+    "cupy": ArrayBackend("cupy", _cupy_from_torch, batched_top_eigenvectors),
 }
 
 

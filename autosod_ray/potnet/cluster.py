@@ -1,18 +1,31 @@
-"""Step 3: dual clustering of each class's selected patches.
+"""Step 3: dual clustering of each class's selected patches, and their fusion.
 
-Clustering engines share one interface and are looked up by name in
-`CLUSTER_ENGINES`:
+Both clusterings produce a *soft assignment in the space they cluster in*:
+k-means in feature space, spectral clustering in the eigen-embedding of the
+patch graph (so the graph cut survives into the fusion). Spectral clusters are
+then matched to the k-means clusters (Hungarian) and the two are fused.
 
-    engine.kmeans(x, mask, k, iters)        -> labels  G x N int (-1 where mask is False)
-    engine.spectral(x, mask, k, knn, iters) -> labels  G x N int
+Clustering engines share one interface and are looked up in `CLUSTER_ENGINES`:
 
-x is G x N x D unit features (G = images x classes), mask G x N bool. `native`
-is batched array code (numpy or cupy); `sklearn` and `cuml` run the library
-estimators one group at a time, on the same kNN affinity for spectral.
+    engine.kmeans(points, mask, k, iters) -> labels     G x N int (-1 where mask is False)
+    engine.embedding(affinity, mask, k)   -> embedding  G x N x k (unit rows, 0 off mask)
+
+points is G x N x E (G = images x classes), mask G x N bool, affinity the
+G x N x N cosine kNN graph (`knn_affinity`, shared by every engine). `native`
+is batched array code (numpy or cupy); `sklearn` and `cuml` call the library
+estimators (`KMeans`, `spectral_embedding`, same API in both) one group at a
+time through the same wrapper, so the CPU tests of `sklearn` run the code that
+`cuml` runs on a GPU.
+
+How the selected patches become soft assignments (`CLUSTERINGS`: dual, kmeans,
+spectral) and how two assignments are fused (`FUSIONS`: smooth, hard) are
+registries too.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,16 +45,19 @@ def farthest_point_init(x, mask, k: int):
     """
     xp = array_namespace(x)
     w = mask.astype(x.dtype)
+    x_sq = (x**2).sum(-1)
+
+    def sq_dist(c):  # G x N squared distances to one point per group (G x 1 x E)
+        return x_sq - 2 * (x @ c.swapaxes(1, 2))[..., 0] + (c**2).sum(-1)
+
     mean = masked_mean(x, w[:, None, :])  # G x 1 x E
-    d_mean = ((x - mean) ** 2).sum(-1)
-    first = xp.where(mask, d_mean, xp.inf).argmin(-1)
+    first = xp.where(mask, sq_dist(mean), xp.inf).argmin(-1)
     idx = [first]
-    nearest = ((x - xp.take_along_axis(x, first[:, None, None], axis=1)) ** 2).sum(-1)
+    nearest = sq_dist(xp.take_along_axis(x, first[:, None, None], axis=1))
     for _ in range(1, k):
         nxt = xp.where(mask, nearest, -1.0).argmax(-1)
         idx.append(nxt)
-        d = ((x - xp.take_along_axis(x, nxt[:, None, None], axis=1)) ** 2).sum(-1)
-        nearest = xp.minimum(nearest, d)
+        nearest = xp.minimum(nearest, sq_dist(xp.take_along_axis(x, nxt[:, None, None], axis=1)))
     idx = xp.stack(idx, axis=1)  # G x k
     return xp.take_along_axis(x, idx[:, :, None], axis=1)
 
@@ -55,9 +71,10 @@ def batched_kmeans(x, mask, k: int, iters: int):
     xp = array_namespace(x)
     centroids = farthest_point_init(x, mask, k)
     labels = None
+    x_sq = (x**2).sum(-1)[:, :, None]
     for _ in range(iters):
-        # assignment: nearest centroid
-        d = (x**2).sum(-1)[:, :, None] - 2 * x @ centroids.swapaxes(1, 2)
+        # assignment: nearest centroid, |x - c|^2 = |x|^2 - 2 x.c + |c|^2
+        d = x_sq - 2 * x @ centroids.swapaxes(1, 2)
         d = d + (centroids**2).sum(-1)[:, None, :]
         new = d.argmin(-1)
         if labels is not None and bool(xp.all((new == labels) | ~mask)):
@@ -110,86 +127,118 @@ def spectral_embedding(affinity, mask, k: int):
 
 @dataclass(frozen=True)
 class ClusterEngine:
-    kmeans: Callable
-    spectral: Callable
+    kmeans: Callable  # (points G x N x E, mask, k, iters) -> labels G x N
+    embedding: Callable  # (affinity G x N x N, mask, k) -> G x N x k unit rows
 
 
-def _native_kmeans(x, mask, k, iters):
-    return batched_kmeans(x, mask, k, iters)
+def _groups(mask):
+    """(g, indices of group g's masked points) for every group with any."""
+    xp = array_namespace(mask)
+    for g in range(mask.shape[0]):
+        idx = xp.nonzero(mask[g])[0]
+        if len(idx):
+            yield g, idx
 
 
-def _native_spectral(x, mask, k, knn, iters):
-    emb = spectral_embedding(knn_affinity(x, mask, knn), mask, k)
-    return batched_kmeans(emb, mask, k, iters)
+def _labels_per_group(fit):
+    """`fit(points n x E, k, iters) -> n labels`, run on each group's masked points."""
 
-
-def _per_group(fit_predict):
-    """Run a one-group estimator over each group's masked points; -1 outside the mask."""
-
-    def run(x, mask, *args):
+    def run(x, mask, k, iters):
         xp = array_namespace(x)
         labels = xp.full(mask.shape, -1, dtype=xp.int64)
-        for g in range(x.shape[0]):
-            idx = xp.nonzero(mask[g])[0]
-            labels[g, idx] = xp.asarray(fit_predict(x[g], idx, *args), dtype=xp.int64)
+        for g, idx in _groups(mask):
+            labels[g, idx] = xp.asarray(fit(x[g][idx], min(k, len(idx)), iters), dtype=xp.int64)
         return labels
 
     return run
 
 
-def _sklearn_kmeans(xg, idx, k, iters):
+def _embedding_per_group(fit):
+    """`fit(affinity n x n, k) -> n x k`, run on each group's masked sub-graph."""
+
+    def run(affinity, mask, k):
+        xp = array_namespace(affinity)
+        emb = xp.zeros(mask.shape + (k,), dtype=affinity.dtype)
+        for g, idx in _groups(mask):
+            kk = min(k, len(idx))
+            emb[g, idx, :kk] = xp.asarray(fit(affinity[g][idx][:, idx], kk), dtype=emb.dtype)
+        return emb
+
+    return run
+
+
+def library_engine(kmeans_cls, embed_fn) -> ClusterEngine:
+    """An engine from a library with scikit-learn's `KMeans` and `spectral_embedding` API:
+    scikit-learn on numpy, cuML on cupy (same calls, same arguments)."""
+
+    def kmeans(points, k, iters):
+        est = kmeans_cls(n_clusters=k, n_init=4, max_iter=max(iters, 10), random_state=0)
+        return est.fit_predict(points)
+
+    def embedding(affinity, k):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "graph is not fully connected"
+            emb = embed_fn(affinity, n_components=k, drop_first=False, random_state=0)
+        xp = array_namespace(affinity)
+        return l2_normalize(xp.asarray(emb, dtype=affinity.dtype))  # unit rows, as NJW
+
+    return ClusterEngine(_labels_per_group(kmeans), _embedding_per_group(embedding))
+
+
+def native_engine() -> ClusterEngine:
+    """Batched array code on the input's own namespace (numpy or cupy)."""
+    return ClusterEngine(kmeans=batched_kmeans, embedding=spectral_embedding)
+
+
+def sklearn_engine() -> ClusterEngine:
+    """scikit-learn's KMeans and spectral_embedding, one group at a time (CPU)."""
     from sklearn.cluster import KMeans
+    from sklearn.manifold import spectral_embedding
 
-    pts = to_numpy(xg[idx])
-    k = min(k, len(pts))
-    return KMeans(k, n_init=4, max_iter=max(iters, 10), random_state=0).fit_predict(pts)
-
-
-def _sklearn_spectral(xg, idx, k, knn, iters):
-    from sklearn.cluster import SpectralClustering
-
-    pts = xg[idx][None]
-    all_points = array_namespace(pts).ones(pts.shape[:2], dtype=bool)
-    a = to_numpy(knn_affinity(pts, all_points, knn))[0]
-    k = min(k, len(a))
-    est = SpectralClustering(k, affinity="precomputed", random_state=0, assign_labels="kmeans")
-    return est.fit_predict(a)
+    return library_engine(KMeans, spectral_embedding)
 
 
-def _cuml_kmeans(xg, idx, k, iters):  # pragma: no cover - needs a GPU and cuML
+def cuml_engine() -> ClusterEngine:  # pragma: no cover - needs a GPU and cuML
+    """cuML's KMeans and spectral_embedding on cupy arrays: the same wrapper as sklearn."""
     from cuml.cluster import KMeans
+    from cuml.manifold import spectral_embedding
 
-    return KMeans(n_clusters=k, max_iter=max(iters, 10), random_state=0).fit_predict(xg[idx])
-
-
-def _cuml_spectral(xg, idx, k, knn, iters):  # pragma: no cover - needs a GPU and cuML
-    from cuml.cluster import SpectralClustering
-
-    est = SpectralClustering(n_clusters=k, n_neighbors=knn, random_state=0)
-    return est.fit_predict(xg[idx])
+    return library_engine(KMeans, functools.partial(spectral_embedding, affinity="precomputed"))
 
 
-CLUSTER_ENGINES: dict[str, ClusterEngine] = {
-    "native": ClusterEngine(_native_kmeans, _native_spectral),
-    "sklearn": ClusterEngine(_per_group(_sklearn_kmeans), _per_group(_sklearn_spectral)),
-    "cuml": ClusterEngine(_per_group(_cuml_kmeans), _per_group(_cuml_spectral)),
+# name -> builder, called once per POTNet
+CLUSTER_ENGINES: dict[str, Callable[[], ClusterEngine]] = {
+    "native": native_engine,
+    "sklearn": sklearn_engine,
+    "cuml": cuml_engine,
 }
 
 
 # ---------------------------------------------------------------- soft assignments
 
 
-def soft_assignment(x, labels, k: int, temperature: float):
-    """Hard labels -> (soft assignment G x N x k, centroids G x k x D).
+def soft_assignment(points, labels, k: int, temperature: float):
+    """Hard labels in some space -> soft assignment G x N x k in that same space.
 
-    Centroids are the unit means of each cluster; the soft assignment is a
-    softmax over cosine similarity to them. Points outside (label -1) get zeros.
+    points G x N x E (features for k-means, the eigen-embedding for spectral
+    clustering). Centres are each cluster's mean point; C_ik = softmax_k of
+    -|p_i - c_k|^2 / (2 t) (for unit points and unit centres this is softmax of
+    cos / t). Points outside (label -1) get zeros.
     """
+    xp = array_namespace(points)
+    onehot = (labels[:, None, :] == xp.arange(k)[None, :, None]).astype(points.dtype)
+    centres = masked_mean(points, onehot)  # G x k x E
+    sq = (points**2).sum(-1)[:, :, None] - 2 * points @ centres.swapaxes(1, 2)
+    sq = sq + (centres**2).sum(-1)[:, None, :]
+    soft = softmax(-sq / 2.0, axis=-1, temperature=temperature)
+    return soft * (labels >= 0)[..., None]
+
+
+def cluster_means(x, labels, k: int):
+    """Unit mean feature of each cluster: x G x N x D, labels G x N -> G x k x D."""
     xp = array_namespace(x)
     onehot = (labels[:, None, :] == xp.arange(k)[None, :, None]).astype(x.dtype)
-    centroids = l2_normalize(masked_mean(x, onehot))
-    soft = softmax(cosine(x, centroids), axis=-1, temperature=temperature)
-    return soft * (labels >= 0)[..., None], centroids
+    return l2_normalize(masked_mean(x, onehot))
 
 
 def align_clusters(reference, other):
@@ -202,3 +251,70 @@ def align_clusters(reference, other):
     perm = np.stack([linear_sum_assignment(-s)[1] for s in sim])
     xp = array_namespace(reference)
     return xp.asarray(perm)
+
+
+@dataclass
+class SoftClusters:
+    """One clustering of the selected patches."""
+
+    labels: object  # G x N int, -1 off mask
+    soft: object  # G x N x k, the soft assignment in the clustering's own space
+
+
+def kmeans_clusters(x, mask, k: int, p, engine) -> SoftClusters:
+    """k-means on the features; C_km = softmax over closeness to the centroids."""
+    labels = engine.kmeans(x, mask, k, p.kmeans_iters)
+    return SoftClusters(labels, soft_assignment(x, labels, k, p.assign_temperature))
+
+
+def spectral_clusters(x, mask, k: int, p, engine) -> SoftClusters:
+    """Spectral clustering (cosine kNN graph, normalised Laplacian, k-means in its
+    eigen-embedding); C_spc = softmax over closeness to the centres *in the embedding*."""
+    emb = engine.embedding(knn_affinity(x, mask, p.spectral_knn), mask, k)
+    labels = engine.kmeans(emb, mask, k, p.kmeans_iters)
+    return SoftClusters(labels, soft_assignment(emb, labels, k, p.assign_temperature))
+
+
+# ---------------------------------------------------------------- fusion
+
+
+def smooth_fusion(c_sp, c_km, gamma, p):
+    # M = gamma C_spc + (1 - gamma) C_km (the paper's default)
+    return gamma * c_sp + (1.0 - gamma) * c_km
+
+
+def hard_fusion(c_sp, c_km, gamma, p):
+    # spectral where the (rescaled) entropy reaches eta_th, k-means elsewhere
+    return array_namespace(c_sp).where(gamma >= p.eta_threshold, c_sp, c_km)
+
+
+FUSIONS: dict[str, Callable] = {"smooth": smooth_fusion, "hard": hard_fusion}
+
+
+def dual_assignment(x, mask, gamma, k: int, p, engine):
+    """Both clusterings, spectral aligned to k-means (Hungarian on the clusters' mean
+    features), fused by `p.fusion` -> M, G x N x k."""
+    xp = array_namespace(x)
+    km = kmeans_clusters(x, mask, k, p, engine)
+    sp = spectral_clusters(x, mask, k, p, engine)
+    # the two label sets are arbitrary permutations of each other: match them first
+    perm = align_clusters(cluster_means(x, km.labels, k), cluster_means(x, sp.labels, k))
+    c_sp = xp.take_along_axis(sp.soft, perm[:, None, :], axis=2)
+    return FUSIONS[p.fusion](c_sp, km.soft, gamma, p)
+
+
+def kmeans_assignment(x, mask, gamma, k: int, p, engine):
+    """Ablation: k-means alone."""
+    return kmeans_clusters(x, mask, k, p, engine).soft
+
+
+def spectral_assignment(x, mask, gamma, k: int, p, engine):
+    """Ablation: spectral clustering alone."""
+    return spectral_clusters(x, mask, k, p, engine).soft
+
+
+CLUSTERINGS: dict[str, Callable] = {
+    "dual": dual_assignment,
+    "kmeans": kmeans_assignment,
+    "spectral": spectral_assignment,
+}

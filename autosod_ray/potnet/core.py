@@ -2,9 +2,10 @@
 
 Reads top to bottom as the method (docs/method.md): seed -> CAMs -> entropy
 gate -> dual clustering -> prototypes -> optimal transport -> re-weighting ->
-consistency -> (optional seed refinement) -> saliency. Arrays stay in the
-namespace of the input features (numpy or cupy) until the small per-image
-outputs are copied to the host.
+consistency refinement -> saliency, quality. Arrays stay in the namespace of
+the input features (numpy or cupy) until the small per-image outputs are
+copied to the host. Every named choice (seed, clustering, fusion, engine,
+marginal) is looked up in a registry.
 """
 
 from __future__ import annotations
@@ -13,19 +14,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import POTNetConfig
 from .backend import array_namespace, to_numpy
-from .cam import CAMs, Gate, class_activation_maps, entropy_gate
-from .cluster import CLUSTER_ENGINES, align_clusters, soft_assignment
+from .cam import Gate, class_activation_maps, entropy_gate
+from .cluster import CLUSTER_ENGINES, CLUSTERINGS
 from .mask import mask_at_size
 from .ops import cosine, l2_normalize, masked_mean
-from .reweight import (
-    consistency_loss,
-    reweighted_class_maps,
-    transport_confidence,
-)
+from .params import POTNetParams
+from .quality import quality_score, quality_signals
+from .refine import refine_by_consistency
+from .reweight import consistency_loss, reweighted_class_maps, transport_confidence
 from .seeds import SEEDS
-from .transport import nearest_prototype_plan, prototype_marginal, sinkhorn
+from .transport import MARGINALS, TransportPlan, nearest_prototype_plan, sinkhorn
 
 
 @dataclass
@@ -42,121 +41,98 @@ class POTNetOutput:
     """Per-image results on the patch grid, on the host."""
 
     saliency: np.ndarray  # B x h x w float32 in [0, 1]: the foreground map
-    cam: np.ndarray  # B x h x w float32: the seed CAM S_fg
+    cam: np.ndarray  # B x h x w float32: the CAM S_fg (of the refined classifier)
     confidence: np.ndarray  # B: mean transport confidence omega
     consistency_loss: np.ndarray  # B: L_con
+    quality: np.ndarray  # B in [0, 1]: how much to trust the mask (higher is better)
+    ot_iterations: np.ndarray  # B int32: Sinkhorn iterations to converge (max if never)
+    ot_marginal_error: np.ndarray  # B: Sinkhorn's row-marginal L1 error when it stopped
+    quality_signals: dict[str, np.ndarray]  # name -> B: what `quality` was computed from
 
     def masks(self, sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Step 7 for each image: (soft uint8, binary bool) at its own (height, width)."""
         return [mask_at_size(s, h, w) for s, (h, w) in zip(self.saliency, sizes, strict=True)]
 
-
-@dataclass
-class _Pass:
-    cams: CAMs
-    saliency: object  # B x N
-    confidence: object  # B x N
-    loss: object  # B
+    def columns(self) -> dict[str, np.ndarray]:
+        """The per-image scalars, by output column name."""
+        return {
+            "confidence": self.confidence,
+            "consistency_loss": self.consistency_loss,
+            "quality": self.quality,
+            "ot_iterations": self.ot_iterations,
+            "ot_marginal_error": self.ot_marginal_error,
+        }
 
 
 class POTNet:
-    """Prototype optimal transport pseudo-labeller; `POTNet(cfg)(patch_features)`."""
+    """Prototype optimal transport pseudo-labeller; `POTNet(params)(patch_features)`."""
 
-    def __init__(self, cfg: POTNetConfig):
-        self.cfg = cfg
-        self.seed = SEEDS[cfg.seed]
-        self.engine = CLUSTER_ENGINES[cfg.engine]
+    def __init__(self, params: POTNetParams):
+        self.p = params
+        self.seed = SEEDS[params.seed]
+        self.engine = CLUSTER_ENGINES[params.engine]()
+        self.assign = CLUSTERINGS[params.clustering]
+        self.marginal = MARGINALS[params.marginal]
 
     def __call__(self, batch: PatchFeatures) -> POTNetOutput:
-        cfg, x = self.cfg, batch.features
+        p, x, k = self.p, batch.features, self.p.num_clusters
         w_fg = self.seed(  # step 0
-            x, batch.cls_attention, tau=cfg.seed_tau, orientation=cfg.seed_orientation
+            x, batch.cls_attention, tau=p.seed_tau, orientation=p.seed_orientation
         )
-        result = self.one_pass(x, w_fg)
-        if cfg.refine_steps:
-            # step 6: move w_fg toward the class map it produced, then run once more
-            w_fg = refine_seed(x, w_fg, result.saliency, result.confidence, cfg)
-            result = self.one_pass(x, w_fg)
-        b, (h, w) = x.shape[0], batch.grid
-        return POTNetOutput(
-            saliency=to_numpy(result.saliency).reshape(b, h, w).astype(np.float32),
-            cam=to_numpy(result.cams.scores[:, 0]).reshape(b, h, w).astype(np.float32),
-            confidence=to_numpy(result.confidence.mean(-1)).astype(np.float32),
-            consistency_loss=to_numpy(result.loss).astype(np.float32),
-        )
-
-    def one_pass(self, x, w_fg) -> _Pass:
-        cfg, k = self.cfg, self.cfg.num_clusters
         cams = class_activation_maps(x, w_fg)  # step 1
-        gate = entropy_gate(cams.scores, cfg.select_tau, min_count=k)  # step 2
+        gate = entropy_gate(cams.scores, p.select_tau, min_count=k)  # step 2
         prototypes = self.prototypes(x, gate)  # step 3
-        similarity = cosine(x, prototypes)  # step 4: S_ij = cos(f_i, Z_j)
-        if cfg.transport:
-            prior = None
-            if cfg.marginal == "class_prior":  # each class's share of the selected patches
-                share = gate.select.sum(-1).astype(x.dtype)
-                prior = share / share.sum(-1, keepdims=True)
-            v = prototype_marginal(prototypes, cams.weights, k, cfg.marginal_temperature, prior)
-            plan = sinkhorn(similarity, v, cfg.ot_epsilon, cfg.ot_max_iters, cfg.ot_tol).plan
-        else:
-            plan = nearest_prototype_plan(similarity, cfg.ot_epsilon).plan
+        ot = self.transport(x, prototypes, cams.weights, gate)  # step 4
         # step 5: re-weighted prototype maps
-        saliency = reweighted_class_maps(
-            x, prototypes, plan, k, cfg.map_temperature, cfg.reweight
-        ).saliency
-        confidence = transport_confidence(plan)  # step 6
-        loss = consistency_loss(saliency, cams.scores[:, 0], confidence)
-        return _Pass(cams=cams, saliency=saliency, confidence=confidence, loss=loss)
+        maps = reweighted_class_maps(x, prototypes, ot.plan, k, p.map_temperature, p.reweight)
+        confidence = transport_confidence(ot.plan)  # step 6: omega_i
+        if p.refine_steps:  # step 6: L_con refines the prototype CAMs and the CAM
+            refined = refine_by_consistency(
+                x, w_fg, maps.prototypes, maps.weight, confidence, k,
+                p.refine_steps, p.refine_lr, p.map_temperature,
+            )  # fmt: skip
+            saliency, cam, loss = refined.saliency, refined.cam, refined.loss
+        else:
+            saliency, cam = maps.saliency, cams.scores[:, 0]
+            loss = consistency_loss(saliency, cam, confidence)
+        b, (h, w) = x.shape[0], batch.grid
+
+        def grid(a):  # B x N on the device -> B x h x w on the host
+            return to_numpy(a).reshape(b, h, w).astype(np.float32)
+
+        saliency = grid(saliency)
+        signals = quality_signals(saliency, grid(cams.scores[:, 0]), grid(batch.cls_attention))
+        return POTNetOutput(
+            saliency=saliency,
+            cam=grid(cam),
+            confidence=to_numpy(confidence.mean(-1)).astype(np.float32),
+            consistency_loss=to_numpy(loss).astype(np.float32),
+            quality=quality_score(signals),
+            quality_signals=signals,
+            ot_iterations=to_numpy(ot.iterations).astype(np.int32),
+            ot_marginal_error=to_numpy(ot.marginal_error).astype(np.float32),
+        )
 
     def prototypes(self, x, gate: Gate):
-        """Step 3: per-class k-means and spectral clustering, aligned and fused -> B x 2K x D."""
-        cfg, k, xp = self.cfg, self.cfg.num_clusters, array_namespace(x)
+        """Step 3: per-class soft clusters M of the selected patches -> B x 2K x D prototypes."""
+        p, k, xp = self.p, self.p.num_clusters, array_namespace(x)
         b, n, d = x.shape
         c = gate.select.shape[1]
         xg = xp.broadcast_to(x[:, None], (b, c, n, d)).reshape(b * c, n, d)
         mask = gate.select.reshape(b * c, n)
         gamma = gate.gamma.reshape(b * c, n)[..., None]
-        soft = {}
-        if cfg.clustering in ("dual", "kmeans"):
-            labels = self.engine.kmeans(xg, mask, k, cfg.kmeans_iters)
-            soft["kmeans"] = soft_assignment(xg, labels, k, cfg.assign_temperature)
-        if cfg.clustering in ("dual", "spectral"):
-            labels = self.engine.spectral(xg, mask, k, cfg.spectral_knn, cfg.kmeans_iters)
-            soft["spectral"] = soft_assignment(xg, labels, k, cfg.assign_temperature)
-        if cfg.clustering == "dual":
-            (c_km, cent_km), (c_sp, cent_sp) = soft["kmeans"], soft["spectral"]
-            # spectral labels are a permutation of k-means labels: match them first
-            c_sp = xp.take_along_axis(c_sp, align_clusters(cent_km, cent_sp)[:, None, :], axis=2)
-            if cfg.fusion == "smooth":
-                fused = gamma * c_sp + (1.0 - gamma) * c_km  # M = gamma C_spc + (1 - gamma) C_km
-            else:
-                fused = xp.where(gamma >= cfg.eta_threshold, c_sp, c_km)  # hard switch
-        else:
-            fused = soft[cfg.clustering][0]
-        fused = fused * mask[..., None]
+        fused = self.assign(xg, mask, gamma, k, p, self.engine) * mask[..., None]
         # Z_ck = sum_i M_ick f_i / sum_i M_ick
         z = l2_normalize(masked_mean(xg, fused.swapaxes(1, 2)))
         return z.reshape(b, c * k, d)
 
-
-def refine_seed(features, w_fg, target, confidence, cfg: POTNetConfig):
-    """Gradient steps on w_fg minimising L_con with the class map held fixed (torch autograd)."""
-    import torch
-
-    xp = array_namespace(features)
-    f = torch.from_dlpack(xp.ascontiguousarray(features))
-    t = torch.from_dlpack(xp.ascontiguousarray(target))
-    omega = torch.from_dlpack(xp.ascontiguousarray(confidence))
-    w = torch.from_dlpack(xp.ascontiguousarray(w_fg)).clone().requires_grad_(True)
-    opt = torch.optim.SGD([w], lr=cfg.refine_lr)
-    for _ in range(cfg.refine_steps):
-        unit = w / w.norm(dim=-1, keepdim=True)
-        s = torch.relu(torch.einsum("bnd,bd->bn", f, unit))
-        cam = (s - s.amin(-1, keepdim=True)) / (
-            s.amax(-1, keepdim=True) - s.amin(-1, keepdim=True) + 1e-8
+    def transport(self, x, prototypes, class_weights, gate: Gate) -> TransportPlan:
+        """Step 4: S_ij = cos(f_i, Z_j); Sinkhorn to the marginals (or nearest prototype)."""
+        p = self.p
+        similarity = cosine(x, prototypes)
+        if not p.transport:
+            return nearest_prototype_plan(similarity, p.ot_epsilon)
+        v = self.marginal(
+            prototypes, class_weights, gate.select, p.num_clusters, p.marginal_temperature
         )
-        loss = (omega * (t - cam).abs()).mean(-1).sum()  # L_con summed over the batch
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return l2_normalize(xp.from_dlpack(w.detach()))
+        return sinkhorn(similarity, v, p.ot_epsilon, p.ot_max_iters, p.ot_tol)

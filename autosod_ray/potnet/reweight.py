@@ -13,6 +13,7 @@ class ClassMaps:
     saliency: object  # B x N: foreground share of the re-weighted prototype maps
     prototypes: object  # B x P x D: z'_ck
     mass: object  # B x P: gamma_ck, the OT mass of each prototype
+    weight: object  # B x P: what weighted the maps (gamma, or uniform without re-weighting)
 
 
 def reweighted_class_maps(
@@ -36,7 +37,7 @@ def reweighted_class_maps(
     # prototype CAM cos(z'_j, f_i), weighted by gamma_j and summed over each class's k
     logits = cosine(features, updated) / temperature + xp.log(xp.maximum(weight, 1e-12))[:, None]
     share = softmax(logits, axis=-1)  # B x N x P, sums to 1 over all prototypes
-    return ClassMaps(saliency=share[:, :, :k].sum(-1), prototypes=updated, mass=mass)
+    return ClassMaps(share[:, :, :k].sum(-1), prototypes=updated, mass=mass, weight=weight)
 
 
 def transport_confidence(plan):

@@ -24,6 +24,11 @@ from ..model.autosod import AutoSOD, to_uint8_batch
 from ..model.inference import threshold_at_size
 
 STATE = "state.pt"
+# what each worker's batches hold: images and masks, or cached tokens and targets
+BATCH_DTYPES = {
+    "images": {"image": torch.uint8, "mask": torch.uint8},
+    "tokens": {"tokens": torch.float32, "target": torch.float32},
+}
 
 
 def lr_factor(step: int, optim: OptimConfig) -> float:
@@ -71,11 +76,14 @@ def build_training(cfg: TrainConfig, storage_options: dict, device: torch.device
 
 
 def train_step(model, optimiser, scheduler, batch: dict, cfg: TrainConfig, autocast) -> dict:
-    """One optimiser step on a batch of uint8 images and 0/1 masks; returns its metrics."""
-    images, masks = batch["image"], batch["mask"].float()
+    """One optimiser step on a batch of uint8 images and 0/1 masks, or of cached encoder
+    tokens and their targets; returns its metrics."""
     with autocast():
-        out = model(images)
-    loss, parts = autosod_loss(out, masks, cfg.model.rank_weight)
+        if "tokens" in batch:
+            out, target = model(tokens=batch["tokens"]), batch["target"]
+        else:
+            out, target = model(batch["image"]), batch["mask"].float()
+    loss, parts = autosod_loss(out, target, cfg.model.rank_weight)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.optim.grad_clip > 0:
@@ -174,7 +182,8 @@ def train_loop_per_worker(config: dict) -> None:
             batch_size=cfg.optim.batch_size,
             device=device,
             drop_last=True,
-            dtypes={"image": torch.uint8, "mask": torch.uint8},
+            dtypes=BATCH_DTYPES["tokens" if cfg.data.cache_tokens else "images"],
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
         )
         seen_any = False
         for batch in batches:
@@ -182,7 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = train_step(model, optimiser, scheduler, batch, cfg, autocast)
             step += 1
             window.append(metrics)
-            images_seen += batch["image"].shape[0] * world
+            images_seen += cfg.optim.batch_size * world
             last = step == cfg.optim.max_steps
             save = last or step % cfg.checkpoint.every_steps == 0
             val_due = bool(val.images) and (

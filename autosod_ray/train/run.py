@@ -8,15 +8,17 @@ pseudolabel masks/ -> Ray Data (read image, augment) -> TorchTrainer (DDP)
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import posixpath
 import sys
 import time
 
-from ..backbone import check_weights_reachable, vit_geometry
+from ..backbone import check_backbone, vit_geometry
 from ..config import TrainConfig
-from ..data.training import load_pairs, masks_folder, read_pseudo_masks
+from ..data.lease import OutputLease
+from ..data.training import TrainingSet, load_pairs, read_pseudo_masks, select_pseudo_masks
 from ..data.uris import InputError, absolute, list_inputs, open_fs, pngs_by_stem
 from ..model.inference import save_model
 from .loop import STATE, train_loop_per_worker
@@ -35,13 +37,16 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return out
 
 
-def check_train_inputs(cfg: TrainConfig) -> int:
-    """Fail before any cluster work on a bad input; returns (input side, patch size)."""
+def check_train_inputs(cfg: TrainConfig) -> tuple[tuple[int, int], TrainingSet]:
+    """Fail before any cluster work on a bad input; returns ((input side, patch size),
+    the pseudo-masks that pass the data filters)."""
     if not cfg.pseudo_masks or not cfg.output:
         raise InputError("both --pseudo-masks and --output are required")
-    masks_folder(cfg.pseudo_masks, cfg.storage.options(cfg.pseudo_masks))
+    selection = select_pseudo_masks(
+        cfg.pseudo_masks, cfg.storage.options(cfg.pseudo_masks), cfg.data
+    )
     geometry = vit_geometry(cfg.backbone)
-    check_weights_reachable(cfg.backbone, cfg.storage.options(cfg.backbone.weights or ""))
+    check_backbone(cfg.backbone, cfg.storage.options(cfg.backbone.weights or ""))
     val = cfg.validation
     if bool(val.images) != bool(val.ground_truth):
         raise InputError("validation needs both validation.images and validation.ground_truth")
@@ -49,7 +54,7 @@ def check_train_inputs(cfg: TrainConfig) -> int:
         list_inputs(val.images, cfg.storage.options(val.images))
         opts = cfg.storage.options(val.ground_truth)
         pngs_by_stem(val.ground_truth, opts, "validation.ground_truth")
-    return geometry
+    return geometry, selection
 
 
 def train_storage(output: str, storage_options: dict):
@@ -65,30 +70,71 @@ def train_storage(output: str, storage_options: dict):
     return root, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def resolve_use_gpu(cfg: TrainConfig) -> bool:
-    import ray
+def resolve_scaling(cfg: TrainConfig) -> TrainConfig:
+    """The config with `auto` scaling sized from the cluster, after checking that the cluster
+    can hold the workers beside the CPUs data ingest needs (ResourceError if it never can)."""
+    from ..resources import (
+        DATA_CPUS,
+        ResourceError,
+        check_request,
+        cluster_capacity,
+        resolve_workers,
+    )
 
-    if cfg.scaling.use_gpu != "auto":
-        return bool(cfg.scaling.use_gpu)
-    return ray.cluster_resources().get("GPU", 0) > 0
+    s, capacity = cfg.scaling, cluster_capacity()
+    use_gpu = capacity.total.get("GPU", 0) > 0 if s.use_gpu == "auto" else bool(s.use_gpu)
+    workers, cpus = resolve_workers(s.num_workers, s.cpus_per_worker, use_gpu, capacity)
+    fix = "lower scaling.num_workers / cpus_per_worker (or set them to auto)"
+    bundle = {"CPU": cpus, "GPU": 1.0 if use_gpu else 0.0}
+    what = f"the training workers (scaling.num_workers={workers}, cpus_per_worker={cpus:g})"
+    for warning in check_request(capacity, bundle, workers, what, fix, {"CPU": DATA_CPUS}):
+        print(f"WARNING: {warning}", file=sys.stderr)
+    if s.placement_strategy == "STRICT_SPREAD" and len(capacity.nodes) < workers:
+        if not capacity.autoscaling:
+            raise ResourceError(
+                f"scaling.placement_strategy=STRICT_SPREAD puts each of {workers} workers on "
+                f"its own node, but this cluster has {len(capacity.nodes)}; use PACK or SPREAD"
+            )
+    scaling = s.model_copy(
+        update={"num_workers": workers, "cpus_per_worker": cpus, "use_gpu": use_gpu}
+    )
+    return cfg.model_copy(update={"scaling": scaling})
 
 
-def build_trainer(cfg: TrainConfig, image_size: int):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def training_data(cfg: TrainConfig, geometry: tuple[int, int], selection: TrainingSet):
+    """(the Ray Dataset the workers train on, what the token cache did or None).
 
-    data_opts = cfg.storage.options(cfg.pseudo_masks)
-    ds = read_pseudo_masks(cfg.pseudo_masks, data_opts, cfg.augment).map_batches(
+    Images: read, decoded and augmented with their masks on CPU tasks. Cached tokens
+    (`data.cache_tokens`): the frozen encoder runs once per image and view first.
+    """
+    image_size, patch = geometry
+    if cfg.data.cache_tokens:
+        from .token_cache import fill_token_cache, read_token_cache
+
+        gpus = 1.0 if cfg.scaling.use_gpu else 0.0
+        pool = (cfg.scaling.cpus_per_worker, gpus, cfg.scaling.num_workers)
+        cache = fill_token_cache(cfg, selection, image_size, pool)
+        opts = cfg.storage.options(cache["location"])
+        grid = (image_size // patch, image_size // patch)
+        return read_token_cache(cache["location"], opts, selection, grid), cache
+    ds = read_pseudo_masks(selection).map_batches(
         load_pairs,
         batch_size=cfg.augment.batch_size,
         batch_format="numpy",
         fn_kwargs={
-            "storage_options": data_opts,
+            "storage_options": cfg.storage.options(cfg.pseudo_masks),
             "augment": cfg.augment,
             "image_size": image_size,
-            "max_pixels": 89_478_485,
+            "max_pixels": cfg.max_pixels,
         },
     )
+    return ds, None
+
+
+def build_trainer(cfg: TrainConfig, ds):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     storage_path, storage_fs = train_storage(cfg.output, cfg.storage.options(cfg.output))
     s = cfg.scaling
     return TorchTrainer(
@@ -96,7 +142,7 @@ def build_trainer(cfg: TrainConfig, image_size: int):
         train_loop_config={"train": cfg.model_dump(mode="json")},
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
-            use_gpu=resolve_use_gpu(cfg),
+            use_gpu=bool(s.use_gpu),
             resources_per_worker={"CPU": s.cpus_per_worker},
             placement_strategy=s.placement_strategy,
         ),
@@ -130,15 +176,54 @@ def export_model(cfg: TrainConfig, checkpoint, geometry: tuple[int, int], metric
     return save_model(uri, state["model"], meta, cfg.storage.options(cfg.output))
 
 
+# what decides the model a run trains (not where or on what it runs)
+MODEL_SECTIONS = ("backbone", "model", "optim", "data", "augment", "seed")
+
+
+def finished_run(cfg: TrainConfig) -> dict | None:
+    """The summary of a complete run in this output that already reached optim.max_steps."""
+    fs, root = open_fs(cfg.output, cfg.storage.options(cfg.output))
+    path = posixpath.join(root, "train.json")
+    if not fs.exists(path):
+        return None
+    previous = json.loads(fs.cat_file(path))
+    if previous.get("status") != "complete" or previous.get("steps", 0) < cfg.optim.max_steps:
+        return None
+    return previous
+
+
 def run_train(cfg: TrainConfig) -> dict:
-    """Train (or resume) and export the model; returns the summary (also train.json)."""
+    """Train (or resume) and export the model; returns the summary (also train.json).
+
+    The run holds the output's lease. A rerun of a training that already reached
+    optim.max_steps does nothing and says so (raise max_steps to train on).
+    """
+    cfg = with_absolute_paths(cfg)
+    geometry, selection = check_train_inputs(cfg)
+    opts = cfg.storage.options(cfg.output)
+    with OutputLease(cfg.output, opts, f"train by {getpass.getuser()}", cfg.force_unlock):
+        previous = finished_run(cfg)
+        if previous is not None:
+            now = cfg.model_dump(mode="json", include=set(MODEL_SECTIONS))
+            then = {k: previous.get("config", {}).get(k) for k in MODEL_SECTIONS}
+            return {
+                **previous,
+                "status": "already complete",
+                "note": f"{cfg.output} already holds a model trained for {previous['steps']} "
+                "steps (train.json); nothing to do. Raise optim.max_steps to train on"
+                + ("" if now == then else ", or give a new --output for a different config"),
+            }
+        return _train(cfg, geometry, selection)
+
+
+def _train(cfg: TrainConfig, geometry: tuple[int, int], selection: TrainingSet) -> dict:
     import ray
 
-    cfg = with_absolute_paths(cfg)
-    geometry = check_train_inputs(cfg)
     ray.init(ignore_reinit_error=True)
+    cfg = resolve_scaling(cfg)
     start = time.perf_counter()
-    result = build_trainer(cfg, geometry[0]).fit()
+    ds, cache = training_data(cfg, geometry, selection)
+    result = build_trainer(cfg, ds).fit()
     seconds = time.perf_counter() - start
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint; see the worker logs above")
@@ -149,6 +234,12 @@ def run_train(cfg: TrainConfig) -> dict:
         "steps": meta["steps"],
         "metrics": metrics,
         "seconds": round(seconds, 3),
+        "pseudo_masks": {
+            "rows": selection.rows,
+            "kept": selection.kept,
+            "min_quality": selection.min_quality,
+        },
+        "token_cache": cache,
         "model": posixpath.join(cfg.output, "model"),
         "checkpoints": posixpath.join(cfg.output, RUN_NAME),
         "config": cfg.model_dump(mode="json"),
@@ -159,6 +250,9 @@ def run_train(cfg: TrainConfig) -> dict:
 
 
 def print_train_summary(summary: dict, file=sys.stdout) -> None:
+    if summary.get("note"):
+        print(f"\ntrain {summary['status']}: {summary['note']}", file=file)
+        return
     m = summary["metrics"]
     shown = ", ".join(f"{k} {m[k]:.4g}" for k in sorted(m) if k != "step")
     print(

@@ -1,0 +1,150 @@
+"""One run per output: a lease object in the output, renewed while the run lives.
+
+`<output>/_lease.json` holds {owner, host, pid, started, heartbeat}. A run takes
+the lease before writing anything and renews it every `HEARTBEAT_S` seconds
+from a background thread; it removes it when it ends. A second run into the
+same output is refused with the first run's owner, host and age, unless the
+lease is stale (no heartbeat for `STALE_S` seconds), its owner was a process on
+this host that no longer exists (a killed driver, rerun at once), or the user
+passes --force-unlock. Object stores have no atomic create-if-absent, so a
+taker writes its own token and reads it back after a moment: of two runs
+starting together, the one whose token did not survive gives way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from ..config import UserError
+from .uris import open_fs
+
+LEASE = "_lease.json"
+HEARTBEAT_S = 10.0
+STALE_S = 60.0
+SETTLE_S = 1.0  # how long a taker waits before reading its token back
+
+
+class LeaseError(UserError):
+    """Another live run holds the output."""
+
+
+@dataclass
+class LeaseRecord:
+    token: str
+    owner: str
+    host: str
+    pid: int
+    started: float
+    heartbeat: float
+
+    def describe(self, now: float) -> str:
+        return (
+            f"{self.owner} (host {self.host}, pid {self.pid}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.started))}, last seen "
+            f"{now - self.heartbeat:.0f} s ago)"
+        )
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class OutputLease:
+    """`with OutputLease(output, opts, job, force): ...` holds the output for one run."""
+
+    def __init__(self, output: str, storage_options: dict, owner: str, force: bool = False):
+        self.fs, root = open_fs(output, storage_options)
+        self.path = posixpath.join(root, LEASE)
+        self.output, self.owner, self.force = output, owner, force
+        self.record: LeaseRecord | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> LeaseRecord | None:
+        try:
+            return LeaseRecord(**json.loads(self.fs.cat_file(self.path)))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError):  # a damaged lease holds nothing
+            return None
+
+    def _write(self, record: LeaseRecord) -> None:
+        self.fs.pipe_file(self.path, json.dumps(record.__dict__).encode())
+
+    def held_by_another(self, now: float) -> LeaseRecord | None:
+        """The live lease of another run, if any (stale or orphaned leases don't count)."""
+        other = self._read()
+        if other is None or (self.record and other.token == self.record.token):
+            return None
+        stale = now - other.heartbeat > STALE_S
+        orphaned = other.host == socket.gethostname() and _process_gone(other.pid)
+        return None if stale or orphaned else other
+
+    def acquire(self) -> None:
+        now = time.time()
+        other = self.held_by_another(now)
+        if other and not self.force:
+            raise LeaseError(
+                f"--output {self.output!r} is in use by another run: {other.describe(now)}; "
+                f"wait for it to end, use another output, or, if that run is dead, rerun "
+                f"with --force-unlock (a lease with no heartbeat for {STALE_S:.0f} s is taken "
+                "over without it)"
+            )
+        self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+        self.record = LeaseRecord(
+            token=uuid.uuid4().hex,
+            owner=self.owner,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started=now,
+            heartbeat=now,
+        )
+        self._write(self.record)
+        time.sleep(SETTLE_S)
+        won = self._read()
+        if won is None or won.token != self.record.token:
+            self.record = None
+            raise LeaseError(
+                f"--output {self.output!r}: another run took it at the same moment "
+                f"({won.describe(time.time()) if won else 'unknown'}); use another output"
+            )
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="output-lease")
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self.record.heartbeat = time.time()
+            try:
+                self._write(self.record)
+            except OSError:  # a missed beat is retried at the next one
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.record is not None:
+            current = self._read()
+            if current is not None and current.token == self.record.token:
+                self.fs.rm(self.path)
+            self.record = None
+
+    def __enter__(self) -> OutputLease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
