@@ -290,6 +290,13 @@ class ModelConfig(Section):
         1.0, ge=0.0, description="lambda: weight of the objectness ranking loss."
     )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Inference: mask threshold.")
+    pixel_decoder: Literal["upsample_project", "project_upsample"] = Field(
+        "upsample_project",
+        description="Order of the pixel decoder's steps: `upsample_project` (the paper's: "
+        "bilinear x2, then the projection at 2h x 2w) or `project_upsample` (the projection "
+        "on the token grid, then x2: a quarter of the projection's FLOPs, masks made of "
+        "h x w logits upsampled).",
+    )
 
     @field_validator("heads")
     @classmethod
@@ -378,6 +385,11 @@ class ScalingSection(Section):
         "auto",
         description="CPUs per worker; `auto`: the cluster's CPUs, less one for data ingest, "
         "shared by the workers.",
+    )
+    torch_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="torch threads per worker (and per token-cache encoder); `auto`: its CPUs, "
+        "plus its share of the data CPU when training on cached tokens (light to read).",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "PACK", description="How workers are placed over nodes."

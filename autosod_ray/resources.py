@@ -126,7 +126,10 @@ DATA_CPUS = 1.0
 
 
 def resolve_workers(
-    num_workers: int | str, cpus_per_worker: float | str, use_gpu: bool, capacity: Capacity
+    num_workers: int | str,
+    cpus_per_worker: float | str,
+    use_gpu: bool,
+    capacity: Capacity,
 ) -> tuple[int, float]:
     """`auto` scaling from the cluster as it is now: one worker per GPU (one worker on a CPU
     cluster), and each worker's share of the CPUs left after DATA_CPUS for data ingest."""

@@ -1,6 +1,6 @@
 """Scale rehearsal: the real pseudolabel job on many small synthetic images.
 
-    python benchmarks/scale.py --data DIR --images 10000 100000 [--json FILE]
+    python benchmarks/scale.py --data DIR --images 10000 100000 [--json FILE] [--kill-up-to N]
 
 For each count N: N synthetic 64 x 64 JPEGs in nested folders (100 per folder,
 made once under DIR, never in the repo) are labelled by `jobs/pseudolabel.py`
@@ -8,8 +8,8 @@ with a tiny randomly initialised ViT (timm's vit_tiny_patch16_224 at 64 px: 16
 tokens; the cost under test is the plumbing, not the model). Measured per N:
 listing and resume-check time, the driver's peak RSS, rows per second, the
 number and size of Parquet files; then the same command again with everything
-done (resume time); then a fresh run whose driver is SIGKILLed at about half
-way and rerun, which must end exactly once.
+done (resume time); then (for counts up to --kill-up-to) a fresh run whose
+driver is SIGKILLed at about half way and rerun, which must end exactly once.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def files_of(out: Path) -> dict:
     return {"parquet_files": len(files), "parquet_mb": round(sum(sizes) / 2**20, 2)}
 
 
-def rehearse(root: Path, n: int) -> dict:
+def rehearse(root: Path, n: int, kill: bool = True) -> dict:
     images, weights = make_images(root, n), tiny_weights(root)
     out = root / f"out_{n}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -164,13 +164,7 @@ def rehearse(root: Path, n: int) -> dict:
     summary = json.loads((out / "run.json").read_text())
     again = run(job_args(images, out, weights))
     resumed = json.loads((out / "run.json").read_text())
-    killed_out = root / f"out_{n}_killed"
-    subprocess.run(["rm", "-rf", str(killed_out)], check=True)
-    kill = run(job_args(images, killed_out, weights), kill_at_rows=n // 2, out=killed_out)
-    rows_at_kill = _rows(killed_out)
-    rerun = run(job_args(images, killed_out, weights))
-    after = json.loads((killed_out / "run.json").read_text())
-    return {
+    result = {
         "images": n,
         "first_run": {
             **first,
@@ -186,17 +180,26 @@ def rehearse(root: Path, n: int) -> dict:
             "timings": resumed["timings"],
             "skipped": resumed["skipped_already_done"],
         },  # fmt: skip
-        "kill_at_half": {
-            "rows_at_kill": rows_at_kill,
-            "killed": kill["killed"],
-            "rerun_returncode": rerun["returncode"],
-            "skipped": after["skipped_already_done"],
-            "labelled": after["labelled"],
-            "duplicates": after["duplicates"],
-            "missing": after["missing"],
-            "status": after["status"],
-        },  # fmt: skip
     }
+    if not kill:
+        return result
+    killed_out = root / f"out_{n}_killed"
+    subprocess.run(["rm", "-rf", str(killed_out)], check=True)
+    killed = run(job_args(images, killed_out, weights), kill_at_rows=n // 2, out=killed_out)
+    rows_at_kill = _rows(killed_out)
+    rerun = run(job_args(images, killed_out, weights))
+    after = json.loads((killed_out / "run.json").read_text())
+    result["kill_at_half"] = {
+        "rows_at_kill": rows_at_kill,
+        "killed": killed["killed"],
+        "rerun_returncode": rerun["returncode"],
+        "skipped": after["skipped_already_done"],
+        "labelled": after["labelled"],
+        "duplicates": after["duplicates"],
+        "missing": after["missing"],
+        "status": after["status"],
+    }
+    return result
 
 
 def main(argv=None) -> int:
@@ -204,10 +207,18 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="folder for the synthetic images and outputs")
     p.add_argument("--images", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--json", help="write the results here")
+    p.add_argument(
+        "--kill-up-to",
+        type=int,
+        default=None,
+        help="run the driver-kill check only for counts up to this (default: every count)",
+    )
     args = p.parse_args(argv)
     root = Path(args.data)
     root.mkdir(parents=True, exist_ok=True)
-    results = [rehearse(root, n) for n in args.images]
+    results = [
+        rehearse(root, n, kill=args.kill_up_to is None or n <= args.kill_up_to) for n in args.images
+    ]
     for r in results:
         for part in ("first_run", "resume_all_done"):
             r[part].pop("log_tail", None)

@@ -1,7 +1,7 @@
 """Where pseudo-labelling time goes: backbone alone, POTNet alone, the whole job.
 
     python benchmarks/throughput.py --images DIR [--limit N] [--config FILE] \
-        [--set k=v ...] [--json FILE] [--scaling] [--skip-pipeline]
+        [--set k=v ...] [--json FILE] [--scaling] [--skip-pipeline] [--predict MODEL]
 
 In one run, on one machine, with the same images, resolution and batch size:
 - backbone_ips: the backbone forward pass alone on decoded, resized uint8 batches;
@@ -10,6 +10,10 @@ In one run, on one machine, with the same images, resolution and batch size:
   read, decode, backbone + POTNet, encode, write Parquet) in steady state: the
   job runs on all N images and on the first N / 4; start-up (Ray, model load)
   is the same in both, so (N - N / 4) / (t_N - t_N/4) is its marginal rate;
+- predict_ips (with `--predict MODEL`): the same for `jobs/predict.py` with a trained
+  AutoSOD and configs/predict-cpu.yaml (the same actors and CPUs as
+  configs/cpu-offline.yaml gives POTNet), and
+  predict_over_pseudolabel = predict_ips / pipeline_ips: the reason to train;
 - ratio = pipeline_ips / backbone_ips; peak_rss_mb / peak_pss_mb: the most
   memory the job's processes (the driver and every Ray process it started) held
   at once, sampled every 0.2 s (RSS double-counts shared pages; PSS does not).
@@ -100,18 +104,33 @@ def _memory_mb(pids: list[int]) -> tuple[float, float]:
     return rss / 1024, pss / 1024
 
 
-def time_pipeline(paths: list[Path], config: str, sets: list[str], batch: int) -> dict:
-    """Run the pseudolabel job on `paths`: its wall time and peak memory."""
+def job_command(inputs: Path, out: Path, config: str, sets: list[str], model: str | None):
+    """The pseudolabel job with the benchmark's config, or (with `model`) the predict job
+    with that trained model (its own input size), configs/predict-cpu.yaml and the same
+    pipeline overrides."""
+    if model is None:
+        cmd = [sys.executable, "jobs/pseudolabel.py", "--config", config]
+    else:
+        cmd = [sys.executable, "jobs/predict.py", "--model", model]
+        cmd += ["--config", "configs/predict-cpu.yaml"]
+        sets = [s for s in sets if s.startswith("pipeline.")]
+    cmd += ["--input", str(inputs), "--output", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def time_pipeline(
+    paths: list[Path], config: str, sets: list[str], batch: int, model: str | None = None
+) -> dict:
+    """Run the pseudolabel job (or predict with `model`) on `paths`: wall time, peak memory."""
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "images"
         inputs.mkdir()
         for p in paths:
             (inputs / p.name).symlink_to(p.resolve())
         out = Path(tmp) / "out"
-        cmd = [sys.executable, "jobs/pseudolabel.py", "--config", config]
-        cmd += ["--input", str(inputs), "--output", str(out)]
-        for s in [*sets, f"pipeline.rows_per_file={batch}"]:
-            cmd += ["--set", s]
+        cmd = job_command(inputs, out, config, [*sets, f"pipeline.rows_per_file={batch}"], model)
         env = {**os.environ, "RAY_ADDRESS": "local"}  # its own Ray, measured whole
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -131,22 +150,26 @@ def time_pipeline(paths: list[Path], config: str, sets: list[str], batch: int) -
         total_s = time.perf_counter() - start
         sampler.join()
         if proc.returncode != 0:
-            raise RuntimeError("pseudolabel failed:\n" + log[-3000:])
+            raise RuntimeError(f"{cmd[1]} failed:\n" + log[-3000:])
         return {"seconds": total_s, "peak_rss_mb": peak[0], "peak_pss_mb": peak[1]}
 
 
-def pipeline(paths: list[Path], config: str, sets: list[str], batch: int) -> dict:
-    """Steady-state images/s of the job (start-up cancels out) and its peak memory."""
+def pipeline(
+    paths: list[Path], config: str, sets: list[str], batch: int, model: str | None = None
+) -> dict:
+    """Steady-state images/s of the job (start-up cancels out) and its peak memory; with
+    `model`, of the predict job (keys prefixed `predict_`)."""
     few = paths[: max(2 * batch, len(paths) // 4)]
-    small = time_pipeline(few, config, sets, batch)
-    full = time_pipeline(paths, config, sets, batch)
+    small = time_pipeline(few, config, sets, batch, model)
+    full = time_pipeline(paths, config, sets, batch, model)
+    name = "pipeline" if model is None else "predict"
     return {
-        "pipeline_ips": (len(paths) - len(few)) / max(full["seconds"] - small["seconds"], 1e-9),
-        "pipeline_ips_with_startup": len(paths) / full["seconds"],
-        "pipeline_startup_s": small["seconds"]
+        f"{name}_ips": (len(paths) - len(few)) / max(full["seconds"] - small["seconds"], 1e-9),
+        f"{name}_ips_with_startup": len(paths) / full["seconds"],
+        f"{name}_startup_s": small["seconds"]
         - len(few) * (full["seconds"] - small["seconds"]) / (len(paths) - len(few)),
-        "peak_rss_mb": full["peak_rss_mb"],
-        "peak_pss_mb": full["peak_pss_mb"],
+        f"{name}_peak_rss_mb" if model else "peak_rss_mb": full["peak_rss_mb"],
+        f"{name}_peak_pss_mb" if model else "peak_pss_mb": full["peak_pss_mb"],
     }
 
 
@@ -203,6 +226,9 @@ def main() -> int:
     p.add_argument("--pipeline-only", action="store_true", help="the job once (memory runs)")
     p.add_argument("--skip-stages", action="store_true", help="no backbone / POTNet alone")
     p.add_argument("--scaling-limit", type=int, default=16)
+    p.add_argument(
+        "--predict", metavar="MODEL", help="also time jobs/predict.py with this trained model"
+    )
     args = p.parse_args()
     cfg = load_config(PseudolabelConfig, args.config, args.set)
     paths = image_paths(args.images, args.limit)
@@ -224,6 +250,10 @@ def main() -> int:
         result.update(time_stages(labeller, decoded(paths, labeller.image_size), batch))
     if "pipeline_ips" in result and "backbone_ips" in result:
         result["ratio"] = result["pipeline_ips"] / result["backbone_ips"]
+    if args.predict:  # the trained model against its teacher, on the same images
+        result.update(pipeline(paths, args.config, args.set, batch, model=args.predict))
+        if "pipeline_ips" in result:
+            result["predict_over_pseudolabel"] = result["predict_ips"] / result["pipeline_ips"]
     if args.scaling:
         result["scaling"] = potnet_scaling(cfg, paths[: args.scaling_limit])
     print("\n| measure | value |\n|---|---|")

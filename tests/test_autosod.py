@@ -80,6 +80,26 @@ def test_network_shapes_and_inference_picks_the_most_object_like_query():
         assert obj[b] == pytest.approx(out.objectness_logits[-1, b].sigmoid().max().item())
 
 
+def test_pixel_decoder_orders_share_weights_and_differ_only_in_order():
+    """project_upsample = the projection on the token grid, then bilinear x2: the same
+    weights as the paper's order, and its mask logits are h x w maps upsampled."""
+    import torch.nn.functional as F
+
+    paper = tiny_net(image_size=64, seed=1).eval()
+    cheap_cfg = TINY.model_copy(update={"pixel_decoder": "project_upsample"})
+    backbone = BackboneConfig(name="vit_tiny_patch16_224", image_size=64, device="cpu")
+    cheap = build_autosod(backbone, cheap_cfg, pretrained=False, seed=1).eval()
+    cheap.load_state_dict(paper.state_dict())  # same keys and shapes
+    tokens = torch.randn(2, 16, paper.encoder.embed_dim)
+    with torch.no_grad():
+        a, b = paper(tokens=tokens), cheap(tokens=tokens)
+        assert a.mask_logits.shape == b.mask_logits.shape == (2, 2, 4, 8, 8)
+        assert not torch.allclose(a.mask_logits, b.mask_logits)
+        grid = tokens.transpose(1, 2).reshape(2, -1, 4, 4)
+        want = F.interpolate(cheap.pixel_decoder.proj(grid), scale_factor=2, mode="bilinear")
+        assert torch.allclose(cheap.pixel_decoder(grid), want, atol=1e-6)
+
+
 def test_saved_model_predicts_the_same(tmp_path):
     net = tiny_net(seed=3).eval()
     meta = {

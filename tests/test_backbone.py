@@ -92,3 +92,25 @@ def test_weights_from_s3(s3, weights_path, extractor, images):
     cfg = BackboneConfig(name=DINOV2, weights="s3://weights/vits14.safetensors", image_size=224)
     remote = ViTFeatures(cfg, storage_options={"endpoint_url": s3["endpoint"]})
     torch.testing.assert_close(remote(images, ("keys",)).keys, extractor(images, ("keys",)).keys)
+
+
+def test_core_throughput_benchmark_runs_on_cpu(tmp_path, ecssd, weights_path):
+    """benchmarks/core_throughput.py is what a user runs on a GPU; its CPU path is the same
+    code, kept working here on a tiny setting."""
+    import json
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import core_throughput
+
+    out = tmp_path / "core.json"
+    args = ["--images", str(ecssd / "images"), "--weights", str(weights_path), "--device", "cpu"]
+    args += ["--image-size", "56", "--batch-sizes", "2", "--precisions", "fp32"]
+    args += ["--engines", "native", "sklearn", "--limit", "2", "--json", str(out)]
+    assert core_throughput.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4  # 2 backbones x 2 engines
+    assert {r["tokens"] for r in rows} == {16, 49}  # patch 14 and patch 8 at 56 px
+    assert all(r["backbone_ips"] > 0 and r["potnet_share_of_backbone"] > 0 for r in rows)

@@ -2,7 +2,11 @@ import pytest
 
 from autosod_ray.config import (
     ConfigError,
+    EvaluateConfig,
+    PredictConfig,
+    PreviewConfig,
     PseudolabelConfig,
+    TrainConfig,
     config_hash,
     load_config,
     parse_override,
@@ -10,6 +14,28 @@ from autosod_ray.config import (
 from tests.conftest import REPO
 
 POTNET_YAML = REPO / "configs" / "potnet.yaml"
+
+
+SHIPPED = {
+    "potnet": PseudolabelConfig,
+    "cpu-offline": PseudolabelConfig,
+    "smoke": PseudolabelConfig,
+    "train": TrainConfig,
+    "train-cpu": TrainConfig,
+    "train-smoke": TrainConfig,
+    "predict": PredictConfig,
+    "predict-cpu": PredictConfig,
+    "evaluate": EvaluateConfig,
+    "preview": PreviewConfig,
+}
+
+
+def test_every_shipped_config_validates_as_its_job_reads_it():
+    assert {p.stem for p in (REPO / "configs").glob("*.yaml")} == set(SHIPPED)
+    for name, schema in SHIPPED.items():
+        load_config(schema, REPO / "configs" / f"{name}.yaml")
+    cpu = load_config(TrainConfig, REPO / "configs" / "train-cpu.yaml")
+    assert cpu.optim.freeze_encoder and cpu.data.cache_tokens and cpu.backbone.image_size == 448
 
 
 def test_paper_defaults_load():

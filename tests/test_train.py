@@ -26,7 +26,9 @@ from tests.conftest import (
     job_env,
     ray_job_submit,
     run_script,
+    start_ray_head,
     start_script,
+    stop_ray_node,
     wait_for,
 )
 
@@ -299,6 +301,31 @@ def test_ray_job_submit_train_and_predict_on_s3(pseudo_masks, photos, s3, ray_he
         pd.read_parquet(io.BytesIO(fs.cat_file(p))) for p in fs.glob("train/pred1/masks/*.parquet")
     )
     check_predictions(masks, photos)
+
+
+def test_shipped_train_configs_run_on_a_2_cpu_machine(
+    pseudo_masks, tmp_path, tmp_path_factory, weights_path
+):
+    """Each shipped train config's own `scaling` (auto) on a 2-CPU Ray: one worker that
+    leaves a CPU to data ingest, and the run ends (the model is shrunk, not the scaling)."""
+    head = start_ray_head(tmp_path_factory.mktemp("ray2"), 2)  # short: Ray's socket paths
+    try:
+        for config in ("configs/train.yaml", "configs/train-cpu.yaml"):
+            out = tmp_path / Path(config).stem
+            small = ["backbone.name=vit_small_patch14_dinov2.lvd142m", "backbone.image_size=56"]
+            small += ["optim.batch_size=2", "optim.max_steps=2", "optim.warmup_steps=1"]
+            small += ["checkpoint.every_steps=2"]
+            args = train_args(str(pseudo_masks), str(out), weights_path)
+            args[1] = config
+            for s in small:
+                args += ["--set", s]
+            res = run_script("jobs/train.py", args, job_env(RAY_ADDRESS=head["address"]))
+            assert res.returncode == 0, (config, res.stdout[-3000:] + res.stderr[-3000:])
+            scaling = json.loads((out / "train.json").read_text())["config"]["scaling"]
+            assert (scaling["num_workers"], scaling["cpus_per_worker"]) == (1, 1.0), config
+            assert scaling["use_gpu"] is False and scaling["torch_threads"] >= 1
+    finally:
+        stop_ray_node(head["proc"], head["log"])
 
 
 @pytest.mark.parametrize(

@@ -30,10 +30,12 @@ class AutoSODOutput:
 
 
 class PixelDecoder(nn.Module):
-    """B x D x h x w encoder map -> B x C x 2h x 2w pixel features."""
+    """B x D x h x w encoder map -> B x C x 2h x 2w pixel features: bilinear x2 and a light
+    projection, in the configured order (`model.pixel_decoder`; same weights either way)."""
 
-    def __init__(self, in_dim: int, width: int):
+    def __init__(self, in_dim: int, width: int, order: str = "upsample_project"):
         super().__init__()
+        self.project_first = order == "project_upsample"
         self.proj = nn.Sequential(
             nn.Conv2d(in_dim, width, 1),
             nn.GroupNorm(math.gcd(32, width), width),
@@ -42,6 +44,8 @@ class PixelDecoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.project_first:  # the projection at h x w: a quarter of its cost
+            return F.interpolate(self.proj(x), scale_factor=2, mode="bilinear", align_corners=False)
         x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         return self.proj(x)
 
@@ -88,7 +92,7 @@ class AutoSOD(nn.Module):
         self.register_buffer("mean", torch.tensor(data_cfg.get("mean", (0.485, 0.456, 0.406))))
         self.register_buffer("std", torch.tensor(data_cfg.get("std", (0.229, 0.224, 0.225))))
         dim, w = encoder.embed_dim, cfg.width
-        self.pixel_decoder = PixelDecoder(dim, w)
+        self.pixel_decoder = PixelDecoder(dim, w, cfg.pixel_decoder)
         self.memory_proj = nn.Linear(dim, w)
         self.query_feat = nn.Embedding(cfg.num_queries, w)
         self.query_pos = nn.Embedding(cfg.num_queries, w)

@@ -22,7 +22,7 @@ def _cupy():
         import cupy
     except ImportError as err:  # pragma: no cover - exercised only without the gpu extra
         raise ImportError(
-            "the cupy backend needs CuPy: pip install 'autosod-ray[gpu]' (CUDA 12 wheels)"
+            "the cupy backend needs CuPy: pip install 'autosod-ray[gpu]' (CUDA 13 wheels)"
         ) from err
     return cupy
 

@@ -30,7 +30,7 @@ def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
 
 def upsample(saliency: np.ndarray, height: int, width: int) -> np.ndarray:
     """h x w float map -> height x width float32 map (bilinear, corners not aligned)."""
-    t = torch.from_numpy(np.ascontiguousarray(saliency, dtype=np.float32))[None, None]
+    t = torch.from_numpy(np.array(saliency, dtype=np.float32))[None, None]  # a writable copy
     return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[
         0, 0
     ].numpy()

@@ -92,7 +92,7 @@ def train_step(model, optimiser, scheduler, batch: dict, cfg: TrainConfig, autoc
         norm = torch.tensor(0.0)
     optimiser.step()
     scheduler.step()
-    return {"loss": float(loss), **parts, "grad_norm": float(norm)}
+    return {"loss": loss.item(), **parts, "grad_norm": float(norm)}
 
 
 def validate(model: AutoSOD, pairs, device: torch.device, threshold: float, batch: int = 8) -> dict:
@@ -143,6 +143,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     cfg = TrainConfig.model_validate(config["train"])
+    if cfg.scaling.torch_threads != "auto":  # resolved by the train driver
+        torch.set_num_threads(cfg.scaling.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

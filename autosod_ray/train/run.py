@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import posixpath
 import sys
@@ -84,6 +85,10 @@ def resolve_scaling(cfg: TrainConfig) -> TrainConfig:
     s, capacity = cfg.scaling, cluster_capacity()
     use_gpu = capacity.total.get("GPU", 0) > 0 if s.use_gpu == "auto" else bool(s.use_gpu)
     workers, cpus = resolve_workers(s.num_workers, s.cpus_per_worker, use_gpu, capacity)
+    threads = s.torch_threads
+    if threads == "auto":  # cached tokens barely use the data CPU: its core computes too
+        spare = DATA_CPUS / workers if cfg.data.cache_tokens else 0.0
+        threads = max(1, math.floor(cpus + spare))
     fix = "lower scaling.num_workers / cpus_per_worker (or set them to auto)"
     bundle = {"CPU": cpus, "GPU": 1.0 if use_gpu else 0.0}
     what = f"the training workers (scaling.num_workers={workers}, cpus_per_worker={cpus:g})"
@@ -96,7 +101,12 @@ def resolve_scaling(cfg: TrainConfig) -> TrainConfig:
                 f"its own node, but this cluster has {len(capacity.nodes)}; use PACK or SPREAD"
             )
     scaling = s.model_copy(
-        update={"num_workers": workers, "cpus_per_worker": cpus, "use_gpu": use_gpu}
+        update={
+            "num_workers": workers,
+            "cpus_per_worker": cpus,
+            "use_gpu": use_gpu,
+            "torch_threads": threads,
+        }
     )
     return cfg.model_copy(update={"scaling": scaling})
 

@@ -71,6 +71,8 @@ class EncoderStage:
         from ..model import build_autosod
 
         cfg = TrainConfig.model_validate(cfg_json)
+        if cfg.scaling.torch_threads != "auto":  # resolved by the train driver
+            torch.set_num_threads(cfg.scaling.torch_threads)
         self.device = resolve_device(cfg.backbone.device)
         opts = cfg.storage.options(cfg.backbone.weights or "")
         self.model = build_autosod(cfg.backbone, cfg.model, storage_options=opts)
@@ -157,7 +159,8 @@ def fill_token_cache(cfg: TrainConfig, selection: TrainingSet, image_size: int, 
 
 def read_token_cache(location: str, storage_options: dict, selection: TrainingSet, grid):
     """The cached (tokens, target) rows the selection keeps, decoded for the trainer:
-    {"tokens": B x N x D float32, "target": B x 2h x 2w float32}."""
+    {"tokens": B x N x D float16, "target": B x 2h x 2w float16} (half the bytes to move;
+    the trainer's batches widen them to float32)."""
     import pyarrow.fs as pafs
     import ray
 
@@ -176,6 +179,6 @@ def read_token_cache(location: str, storage_options: dict, selection: TrainingSe
     def unpack(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = np.stack([np.frombuffer(t, np.float16).reshape(n, -1) for t in batch["tokens"]])
         target = np.stack([np.frombuffer(t, np.float16).reshape(shape) for t in batch["target"]])
-        return {"tokens": tokens.astype(np.float32), "target": target.astype(np.float32)}
+        return {"tokens": tokens, "target": target}  # float16: the trainer widens them
 
     return ds.map_batches(unpack, batch_format="numpy")
