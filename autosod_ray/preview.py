@@ -22,7 +22,7 @@ from .evaluate import load_predictions
 from .metrics import iou
 
 
-def _images_by_stem(uri: str, opts: dict) -> dict[str, str]:
+def images_by_stem(uri: str, opts: dict) -> dict[str, str]:
     fs, root = open_fs(uri, opts)
     if not fs.exists(root):
         raise InputError(f"--images {uri!r} does not exist")
@@ -39,7 +39,7 @@ def render_sheet(cfg: PreviewConfig) -> dict:
 
     opts = cfg.storage.options(cfg.predictions)
     preds = load_predictions(cfg.predictions, opts).to_pylist()
-    images = _images_by_stem(cfg.images, cfg.storage.options(cfg.images))
+    images = images_by_stem(cfg.images, cfg.storage.options(cfg.images))
     gts = (
         pngs_by_stem(cfg.ground_truth, cfg.storage.options(cfg.ground_truth), "--ground-truth")
         if cfg.ground_truth
