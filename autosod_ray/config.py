@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -20,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -182,13 +184,43 @@ class POTNetConfig(Section):
         return POTNetParams(**{f: getattr(self, f) for f in POTNetParams.__dataclass_fields__})
 
 
+def redact_url(url: str) -> str:
+    """`url` with its credentials (`user:password@`) replaced by `***@`. Everything up to the
+    last `@` before any query goes, so a password with an unescaped `/` goes too."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    ends = [i for i in (rest.find(c) for c in "?#") if i >= 0]
+    head, tail = rest[: min(ends, default=len(rest))], rest[min(ends, default=len(rest)) :]
+    if "@" not in head:
+        return url
+    return f"{scheme}{sep}***@{head.rpartition('@')[2]}{tail}"
+
+
+def redact_text(text: str) -> str:
+    """Free text (an error message) with every URL's `user:password@` replaced by `***@`."""
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: redact_url(m.group(0)), text)
+
+
 class StorageConfig(Section):
-    """How to reach object stores; credentials come from the standard AWS / GCP chains."""
+    """How to reach object stores; credentials come from the standard AWS / GCP chains.
+
+    An endpoint URL is never shown with credentials in it: its dumps (run.json, train.json)
+    and its repr hold `***@` where a `user:password@` was; `options` passes it on as given.
+    """
 
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint override (MinIO, moto, on-prem)."
     )
     anon: bool = Field(False, description="Anonymous access (public buckets).")
+
+    @field_serializer("endpoint_url")
+    def _redact_endpoint(self, url: str | None) -> str | None:
+        return None if url is None else redact_url(url)
+
+    def __repr_args__(self):
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "endpoint_url" and value else value
 
     def options(self, uri: str) -> dict:
         """fsspec storage options for `uri`."""
@@ -217,6 +249,26 @@ class PipelineConfig(Section):
     num_cpus: float = Field(1.0, gt=0, description="CPUs per POTNet actor.")
     encode_batch_size: int = Field(16, ge=1)
     rows_per_file: int = Field(1000, ge=1, le=1_000_000, description="Most rows per Parquet file.")
+    max_error_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Stop the run when more than this share of the images a model actor "
+        "labelled failed inside our code (`internal` errors; at least 4 of them): a bug, "
+        "not bad input, so the rest would fail too.",
+    )
+    progress_every_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between progress lines in a log (a terminal gets a live line).",
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Runs an image may fail for a passing reason (`transient`: I/O, out of "
+        "memory) before its error becomes `permanent` and reruns stop trying it.",
+    )
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> PipelineConfig:
@@ -238,20 +290,21 @@ class PseudolabelConfig(Section):
         False, description="Take the output's lease from a run that looks alive (if it is dead)."
     )
     manifest_column: str = Field("uri", description="Manifest column that holds image URIs.")
+    report: bool = Field(True, description="Write <output>/report.html at the end of the run.")
     backbone: BackboneConfig = BackboneConfig()
     potnet: POTNetConfig = POTNetConfig()
     pipeline: PipelineConfig = PipelineConfig()
     storage: StorageConfig = StorageConfig()
 
-    def labelling_hash(self) -> str:
-        """Hash of what decides the masks: the backbone (not the device it runs on) and the
-        parameters POTNet runs on; not resources, paths or input guards (max_pixels)."""
-        return config_hash(
-            {
-                "backbone": self.backbone.model_dump(mode="json", exclude={"device"}),
-                "potnet": dataclasses.asdict(self.potnet.params()),
-            }
-        )
+    def labelling_settings(self, weights_sha256: str | None) -> dict:
+        """What decides the masks, hashed into `config_hash`: the backbone (the weights by
+        their content, not their path; not the device it runs on) and the parameters
+        POTNet runs on; not resources, paths or input guards (max_pixels)."""
+        return {
+            "backbone": self.backbone.model_dump(mode="json", exclude={"device", "weights"}),
+            "weights_sha256": weights_sha256,
+            "potnet": dataclasses.asdict(self.potnet.params()),
+        }
 
 
 class EvaluateConfig(Section):
@@ -275,6 +328,86 @@ class PreviewConfig(Section):
     output: str | None = Field(None, description="Sheet PNG path or URI.")
     n: int = Field(24, ge=1, le=500, description="Rows on the sheet.")
     worst: bool = Field(False, description="The lowest-IoU images (needs ground truth).")
+    storage: StorageConfig = StorageConfig()
+
+
+class ReportConfig(Section):
+    """`jobs/report.py`: one static HTML page about a pseudolabel / predict output."""
+
+    predictions: str | None = Field(None, description="pseudolabel / predict output folder.")
+    images: str | None = Field(
+        None, description="Folder / URI of the images by stem (default: each row's source_uri)."
+    )
+    ground_truth: str | None = Field(None, description="Optional folder of mask PNGs (by stem).")
+    output: str | None = Field(
+        None, description="report .html path, or a folder for report.html; default: in the run."
+    )
+    thumbnails: int = Field(24, ge=1, le=200, description="Thumbnails per gallery.")
+    thumbnail_px: int = Field(160, ge=32, le=512, description="Longest side of a thumbnail.")
+    empty_fg_fraction: float = Field(
+        0.005, ge=0.0, le=1.0, description="No object: masks covering less than this share."
+    )
+    background_fg_fraction: float = Field(
+        0.9, ge=0.0, le=1.0, description="No object: masks covering more (background taken)."
+    )
+    low_quality: float = Field(
+        0.3, ge=0.0, le=1.0, description="No object (or a wrong one): quality below this."
+    )
+    min_object_fraction: float = Field(
+        0.005, gt=0.0, le=1.0, description="Several objects: pieces of at least this share."
+    )
+    object_scan_limit: int = Field(
+        5000, ge=0, description="Count objects in whole shard files up to this many masks."
+    )
+    ray_above: int = Field(
+        2000, ge=0, description="Runs with more masks decode them in Ray tasks (one per shard)."
+    )
+    storage: StorageConfig = StorageConfig()
+
+
+class ExportConfig(Section):
+    """`jobs/export.py`: a pseudolabel / predict output as COCO, a PNG folder or HF Parquet."""
+
+    predictions: str | None = Field(
+        None, description="pseudolabel / predict output (with masks/ and run.json) or masks/."
+    )
+    output: str | None = Field(
+        None, description="coco: the JSON file; png / hf: a new or empty folder (path or URI)."
+    )
+    format: Literal["coco", "png", "hf"] = Field(
+        "coco",
+        description="`coco`: instances JSON, one RLE annotation per connected object; `png`: "
+        "one PNG per image; `hf`: Parquet whose masks load as images in Hugging Face datasets.",
+    )
+    min_area: int = Field(
+        64, ge=1, description="coco: connected objects of fewer pixels are left out."
+    )
+    min_quality: float = Field(
+        0.0, ge=0.0, le=1.0, description="Leave out masks whose `quality` is below this."
+    )
+    top_fraction: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Keep this best fraction of the masks by `quality` (1: all); as train's "
+        "data.keep_top_fraction.",
+    )
+    file_name: Literal["image_id", "source_uri"] = Field(
+        "image_id",
+        description="coco: what `file_name` holds: the image id (the path relative to the "
+        "labelled folder; join it with that folder) or the URI the image was read from.",
+    )
+    png_layout: Literal["flat", "tree"] = Field(
+        "flat",
+        description="png: `flat`: <stem>.png in one folder, as SOD tools read them (two images "
+        "of one stem are refused); `tree`: the image id's sub-folders kept, <id less ext>.png.",
+    )
+    png_map: Literal["mask", "saliency"] = Field(
+        "mask", description="png: the binary mask (0/255) or the soft saliency map (uint8)."
+    )
+    with_images: bool = Field(
+        False, description="hf: embed each image's bytes (read from source_uri) as `image`."
+    )
     storage: StorageConfig = StorageConfig()
 
 
@@ -423,6 +556,11 @@ class TrainConfig(Section):
     force_unlock: bool = Field(
         False, description="Take the output's lease from a run that looks alive (if it is dead)."
     )
+    overwrite: bool = Field(
+        False,
+        description="Replace a training in --output made from other pseudo-masks, weights or "
+        "settings (its checkpoints, model and train.json).",
+    )
     seed: int = Field(0, description="Seed of the model's initial weights.")
     log_every: int = Field(10, ge=1, description="Report metrics every N steps.")
     max_pixels: int = Field(
@@ -459,6 +597,7 @@ class PredictConfig(Section):
         False, description="Take the output's lease from a run that looks alive (if it is dead)."
     )
     manifest_column: str = Field("uri", description="Manifest column that holds image URIs.")
+    report: bool = Field(True, description="Write <output>/report.html at the end of the run.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Refuse larger images (bombs).")
@@ -497,7 +636,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: empty key")
-    return key, yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return key, None
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(
+            f"--set {text!r}: the value is not a YAML scalar or list; quote it"
+        ) from None
 
 
 def _format_error(err: ValidationError, schema: type[BaseModel]) -> str:
@@ -533,7 +679,15 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(
+                f"config file {str(path)!r} is not valid YAML:{where}: {problem}"
+            ) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         tree = loaded

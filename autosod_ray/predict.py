@@ -9,8 +9,6 @@ is NaN (a POTNet quantity).
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 
 from .backbone import snap_to_patch
 from .config import PredictConfig
@@ -43,13 +41,16 @@ def predict_labelling(cfg: PredictConfig) -> Labelling:
     here, on the driver (the model is loaded once, as each actor will load it)."""
     _, meta = load_model(cfg.model, cfg.storage.options(cfg.model))
     patch = int(meta["patch_size"])
-    identity = {"sha256": meta["sha256"], "threshold": meta["model"]["threshold"]}
     return Labelling(
         job="predict",
         model_factory=_Predictor(cfg),
         to_masks=functools.partial(threshold_at_size, threshold=meta["model"]["threshold"]),
         model_name=f"autosod:{meta['backbone']['name']}",
-        config_hash=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
+        settings={"model_sha256": meta["sha256"], "threshold": meta["model"]["threshold"]},
+        provenance={
+            "model": {"uri": cfg.model, "sha256": meta["sha256"], "steps": meta.get("steps")},
+            "trained_on": meta.get("trained_on"),
+        },
         image_size=snap_to_patch(int(meta["image_size"]), patch),
         patch_size=patch,
         max_pixels=cfg.max_pixels,

@@ -3,17 +3,16 @@
     list -> read bytes -> decode + resize -> backbone + POTNet (actor pool)
          -> encode PNGs -> write Parquet (masks/, errors/) ; run.json
 
-Everything that can be checked before the cluster is touched (config, input,
-output) is checked first. Reruns resume: images already written under the same
-config hash are skipped.
+A driver is a straight line: list, check, lease, label, summarise. Everything
+that can be checked before the cluster is touched (config, input, output) is
+checked first, and fails with nothing written. Reruns resume: images already
+written under the same config hash are skipped. The output is one `RunOutput`:
+its lease, its run.json history and identity, its tables.
 """
 
 from __future__ import annotations
 
 import functools
-import getpass
-import json
-import posixpath
 import sys
 import time
 from collections.abc import Callable
@@ -24,69 +23,60 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .backbone import check_backbone, vit_geometry
-from .config import PredictConfig, PseudolabelConfig, UserError
-from .data.lease import OutputLease
-from .data.parquet import TABLES, PseudoMaskDatasink, drop_rows, ensure_tables, read_rows
-from .data.stages import TRANSIENT, ModelStage, decode, encode, read_bytes
-from .data.uris import InputError, open_fs, scan_inputs
+from .config import PredictConfig, PseudolabelConfig, config_hash
+from .data.parquet import TABLES, ShardDatasink, drop_rows, ensure_tables, read_rows
+from .data.progress import ProgressCounter, ProgressPrinter
+from .data.provenance import listing_digest, weights_provenance
+from .data.run_output import OutputError, RunOutput
+from .data.stages import (
+    INTERNAL,
+    PERMANENT,
+    RETRIED,
+    TRANSIENT,
+    ModelStage,
+    decode,
+    encode,
+    labelled_rows,
+    read_bytes,
+)
+from .data.uris import InputError, absolute, scan_inputs
+from .endings import status_of
 
 # the jobs that label images into the pseudo-mask schema (pseudolabel, predict)
 JobConfig = PseudolabelConfig | PredictConfig
 
-
-class OutputError(UserError, ValueError):
-    """A bad --output: e.g. made with another config and no --overwrite."""
+__all__ = ["OutputError", "run_labelling", "run_pseudolabel", "print_summary"]
 
 
-def check_output(cfg: JobConfig, config_hash: str) -> None:
-    """Refuse an output written under another config unless overwrite; create it."""
-    opts = cfg.storage.options(cfg.output)
-    fs, root = open_fs(cfg.output, opts)
-    run_json = posixpath.join(root, "run.json")
-    if fs.exists(run_json):
-        previous = json.loads(fs.cat_file(run_json))
-        if previous.get("config_hash") != config_hash:
-            if not cfg.overwrite:
-                raise OutputError(
-                    f"--output {cfg.output!r} holds masks of config {previous.get('config_hash')}, "
-                    f"not {config_hash}; use a new output, or --overwrite to replace them"
-                )
-            for table in TABLES:
-                if fs.exists(posixpath.join(root, table)):
-                    fs.rm(posixpath.join(root, table), recursive=True)
-    fs.makedirs(root, exist_ok=True)
-
-
-def write_run_json(cfg: JobConfig, config_hash: str, **extra) -> None:
-    fs, root = open_fs(cfg.output, cfg.storage.options(cfg.output))
-    record = {"config": cfg.model_dump(mode="json"), "config_hash": config_hash, **extra}
-    fs.pipe_file(posixpath.join(root, "run.json"), json.dumps(record, indent=2).encode())
-
-
-def transient_rows(errors: pa.Table, config_hash: str):
-    """Which rows of an errors table are this config's transient failures."""
-    mine = pc.equal(errors.column("config_hash"), config_hash)
-    return pc.and_(mine, pc.equal(pc.fill_null(errors.column("error_kind"), ""), TRANSIENT))
-
-
-def pending_inputs(cfg: JobConfig, config_hash: str, inputs: pa.Table) -> tuple[pa.Table, int]:
+def pending_inputs(out: RunOutput, config_hash: str, inputs: pa.Table) -> tuple[pa.Table, int]:
     """The inputs not yet done under this config hash (in masks/, or in errors/ for a
-    permanent reason), and how many are done. Transient errors of earlier runs are taken
+    permanent reason), with an `attempts` column (earlier runs that failed on each), and
+    how many are done. The retried rows of earlier runs (transient, internal) are taken
     out of errors/ first: those images are tried again."""
-    opts = cfg.storage.options(cfg.output)
-    drop_rows(cfg.output, opts, "errors", lambda t: transient_rows(t, config_hash))
-    done = pa.concat_arrays(
-        [
-            read_rows(cfg.output, opts, t, ["image_id"], config_hash)
-            .column("image_id")
-            .combine_chunks()
-            for t in TABLES
-        ]
-    )
-    if not len(done):
-        return inputs, 0
+    opts = out.storage_options
+    errors = read_rows(out.uri, opts, "errors", ["image_id", "error_kind", "attempts"], config_hash)
+    retried = errors.filter(pc.is_in(pc.fill_null(errors.column("error_kind"), ""),
+                                     value_set=pa.array(RETRIED)))  # fmt: skip
+    if retried.num_rows:
+        mine = functools.partial(_retried_rows, config_hash=config_hash)
+        drop_rows(out.uri, opts, "errors", mine)
+    ids = [
+        read_rows(out.uri, opts, t, ["image_id"], config_hash).column("image_id") for t in TABLES
+    ]
+    done = pa.concat_arrays([i.combine_chunks() for i in ids])
     todo = pc.invert(pc.is_in(inputs.column("image_id"), value_set=done))
-    return inputs.filter(todo), inputs.num_rows - int(pc.sum(todo).as_py() or 0)
+    pending = inputs.filter(todo)
+    where = pc.index_in(pending.column("image_id"), value_set=retried.column("image_id"))
+    earlier = pc.fill_null(pc.take(retried.column("attempts"), where), 0)
+    pending = pending.append_column("attempts", pc.fill_null(pc.cast(earlier, pa.int32()), 0))
+    return pending, inputs.num_rows - pending.num_rows
+
+
+def _retried_rows(errors: pa.Table, config_hash: str):
+    """Which rows of an errors table are this config's failures that a rerun retries."""
+    mine = pc.equal(errors.column("config_hash"), config_hash)
+    kind = pc.fill_null(errors.column("error_kind"), "")
+    return pc.and_(mine, pc.is_in(kind, value_set=pa.array(RETRIED)))
 
 
 @dataclass
@@ -97,7 +87,8 @@ class Labelling:
     model_factory: Callable[[], Callable]  # built once per actor (ModelStage)
     to_masks: Callable  # (saliency, height, width) -> (soft uint8, binary bool)
     model_name: str  # the `backbone` column
-    config_hash: str  # what decides the masks; resume and --overwrite key on it
+    settings: dict  # what decides the masks, by content; hashed into config_hash
+    provenance: dict  # what the masks were made with (weights or model digests)
     image_size: int
     patch_size: int
     max_pixels: int
@@ -105,6 +96,11 @@ class Labelling:
     # masks/ columns the run summary reads, and what it makes of them
     summary_columns: tuple[str, ...] = ()
     summarize: Callable[[pa.Table], dict] = lambda masks: {}
+
+    @property
+    def config_hash(self) -> str:
+        """Resume and --overwrite key on it: same hash, same masks."""
+        return config_hash(self.settings)
 
 
 class _Labeller:
@@ -170,7 +166,7 @@ def build_dataset(cfg: JobConfig, inputs: pa.Table, labelling: Labelling):
         ModelStage,
         batch_size=p.potnet_batch_size,
         batch_format="numpy",
-        fn_constructor_args=(lab.model_factory,),
+        fn_constructor_args=(lab.model_factory, p.max_error_fraction),
         compute=ActorPoolStrategy(min_size=p.pool_min, max_size=p.pool_max),
         num_gpus=resolve_num_gpus(cfg),
         num_cpus=p.num_cpus,
@@ -189,17 +185,21 @@ def build_dataset(cfg: JobConfig, inputs: pa.Table, labelling: Labelling):
 
 
 def pseudolabelling(cfg: PseudolabelConfig) -> Labelling:
-    """POTNet as a Labelling; a bad backbone or unreachable weights fail here, before Ray."""
+    """POTNet as a Labelling; a bad backbone or unreachable weights fail here, before Ray.
+    The weights are known by their sha256 (computed once per file version)."""
     from .potnet.mask import mask_at_size
 
     image_size, patch = vit_geometry(cfg.backbone)
-    check_backbone(cfg.backbone, cfg.storage.options(cfg.backbone.weights or ""))
+    opts = cfg.storage.options(cfg.backbone.weights or "")
+    check_backbone(cfg.backbone, opts)
+    weights = weights_provenance(cfg.backbone.weights, cfg.backbone.name, opts)
     return Labelling(
         job="pseudolabel",
         model_factory=_Labeller(cfg),
         to_masks=mask_at_size,
         model_name=cfg.backbone.name,
-        config_hash=cfg.labelling_hash(),
+        settings=cfg.labelling_settings(weights["sha256"]),
+        provenance={"backbone": weights},
         image_size=image_size,
         patch_size=patch,
         max_pixels=cfg.potnet.max_pixels,
@@ -260,79 +260,148 @@ def check_resources(cfg: JobConfig) -> list[str]:
 def run_labelling(cfg: JobConfig, labelling: Labelling) -> dict:
     """Label every input of `cfg` not yet in its output; the summary is also in run.json.
 
-    The run holds the output's lease throughout (one run per output). Whatever stops it
-    after it started leaves run.json saying "failed" and why.
+    Checked before anything is written: the input (listed), the output (made by these
+    settings, or --overwrite; writable). The run holds the output's lease throughout
+    (one run per output); however it ends, its run.json entry says how.
     """
-    opts = cfg.storage.options(cfg.output)
-    with OutputLease(cfg.output, opts, f"{labelling.job} by {getpass.getuser()}", cfg.force_unlock):
-        return _label_pending(cfg, labelling)
+    cfg = cfg.model_copy(update={"input": absolute(cfg.input), "output": absolute(cfg.output)})
+    start = time.perf_counter()
+    listing = scan_inputs(cfg.input, cfg.storage.options(cfg.input), cfg.manifest_column)
+    listing_s = round(time.perf_counter() - start, 3)
+    out = RunOutput(cfg.output, cfg.storage.options(cfg.output), labelling.job)
+    identity = {
+        "config_hash": labelling.config_hash,
+        "settings": labelling.settings,
+        "config": cfg.model_dump(mode="json"),
+        "provenance": labelling.provenance,
+    }
+    out.refuse_mixing(identity, cfg.overwrite, "masks", clear=list(TABLES))
+    out.check_writable()
+    entry = {
+        "input": {
+            "uri": cfg.input,
+            "images": listing.table.num_rows,
+            "listing_sha256": listing_digest(listing.table),
+        },
+        "listing": listing.report(),
+        "pipeline": cfg.pipeline.model_dump(mode="json"),
+    }
+    counts = functools.partial(output_counts, out, labelling, listing.table.num_rows)
+    with out.run(cfg.force_unlock, identity, entry, counts) as run:
+        return _label_pending(cfg, labelling, run, listing.table, {"listing_s": listing_s})
 
 
-def _label_pending(cfg: JobConfig, labelling: Labelling) -> dict:
+def count_written(counter, counts: dict[str, int]) -> None:
+    """The sink's report of one write, to the progress counter actor."""
+    errors = counts.get("errors", 0)
+    counter.add.remote(counts.get("masks", 0) + errors, errors)
+
+
+def read_counter(counter) -> tuple[int, int]:
     import ray
 
-    config_hash = labelling.config_hash
-    check_output(cfg, config_hash)
+    return ray.get(counter.read.remote(), timeout=10)
+
+
+def output_counts(out: RunOutput, labelling: Labelling, inputs: int) -> dict:
+    """What the output holds for this config: rows by table and error kind, and how they
+    add up against the inputs (each exactly once)."""
+    opts, key = out.storage_options, labelling.config_hash
+    ensure_tables(out.uri, opts)
+    masks = read_rows(out.uri, opts, "masks", ["image_id", *labelling.summary_columns], key)
+    errors = read_rows(out.uri, opts, "errors", ["image_id", "error_kind"], key)
+    kinds = pc.fill_null(errors.column("error_kind"), PERMANENT)
+    every = pa.chunked_array(masks.column("image_id").chunks + errors.column("image_id").chunks)
+    distinct = pc.count_distinct(every).as_py()
+    return {
+        "inputs": inputs,
+        "labelled": masks.num_rows,
+        "errors": errors.num_rows,
+        **{
+            f"errors_{kind}": int(pc.sum(pc.equal(kinds, kind)).as_py() or 0)
+            for kind in (PERMANENT, TRANSIENT, INTERNAL)
+        },
+        "duplicates": len(every) - distinct,
+        "missing": inputs - distinct,
+        **labelling.summarize(masks),
+    }
+
+
+def _label_pending(
+    cfg: JobConfig, labelling: Labelling, run: RunOutput, listing: pa.Table, timings: dict
+) -> dict:
+    import ray
+
     clock = [time.perf_counter()]
 
     def lap() -> float:
         clock.append(time.perf_counter())
         return round(clock[-1] - clock[-2], 3)
 
-    listing = scan_inputs(cfg.input, cfg.storage.options(cfg.input), cfg.manifest_column)
-    timings = {"listing_s": lap()}
-    inputs, already = pending_inputs(cfg, config_hash, listing.table)
+    inputs, already = pending_inputs(run, labelling.config_hash, listing)
     timings["resume_check_s"] = lap()
-    total = inputs.num_rows + already
-    write_run_json(cfg, config_hash, status="running", inputs=total)
-    start = time.perf_counter()
-    try:
-        if inputs.num_rows:
-            ray.init(ignore_reinit_error=True)
-            for warning in check_resources(cfg):
-                print(f"WARNING: {warning}", file=sys.stderr)
-            ds = build_dataset(cfg, inputs, labelling)
-            opts = cfg.storage.options(cfg.output)
-            ds.write_datasink(PseudoMaskDatasink(cfg.output, opts, cfg.pipeline.rows_per_file))
-    except BaseException as err:
-        reason = f"{type(err).__name__}: {err}"
-        write_run_json(cfg, config_hash, status="failed", inputs=total, reason=reason[:2000])
-        raise
-    seconds = time.perf_counter() - start
-    timings["labelling_s"] = lap()
-    opts = cfg.storage.options(cfg.output)
-    ensure_tables(cfg.output, opts)
-    masks = read_rows(
-        cfg.output, opts, "masks", ["image_id", *labelling.summary_columns], config_hash
+    if inputs.num_rows:
+        ray.init(ignore_reinit_error=True)
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours: in images
+        for warning in check_resources(cfg):
+            print(f"WARNING: {warning}", file=sys.stderr)
+        ds = build_dataset(cfg, inputs, labelling)
+        route = functools.partial(labelled_rows, max_attempts=cfg.pipeline.max_attempts)
+        counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+        sink = ShardDatasink(run.uri, run.storage_options, cfg.pipeline.rows_per_file, route,
+                             on_written=functools.partial(count_written, counter))  # fmt: skip
+        read = functools.partial(read_counter, counter)
+        with ProgressPrinter(labelling.job, inputs.num_rows, read, cfg.pipeline.progress_every_s):
+            ds.write_datasink(sink)
+    seconds = lap()
+    timings["labelling_s"] = seconds
+    totals = output_counts(run, labelling, listing.num_rows)
+    timings["summary_s"] = lap()
+    status = status_of(totals["errors_permanent"], totals["errors_transient"],
+                       totals["errors_internal"])  # fmt: skip
+    reason = None
+    if totals["duplicates"] or totals["missing"]:
+        status = "failed"
+        reason = f"{totals['duplicates']} duplicate rows, {totals['missing']} inputs missing"
+    elif totals["errors_internal"]:
+        reason = f"{totals['errors_internal']} images failed inside the model (internal errors)"
+    summary = run.finish(
+        status,
+        totals,
+        reason,
+        labelled_this_run=inputs.num_rows,
+        skipped_already_done=already,
+        seconds=round(seconds, 3),
+        images_per_second=round(inputs.num_rows / seconds, 3) if inputs.num_rows else None,
+        timings=timings,
+        warnings=transport_warnings(totals.get("transport")),
+        output=cfg.output,
     )
-    errors = read_rows(cfg.output, opts, "errors", ["image_id", "error_kind"], config_hash)
-    transient = int(pc.sum(pc.equal(errors.column("error_kind"), TRANSIENT)).as_py() or 0)
-    every = pa.chunked_array(masks.column("image_id").chunks + errors.column("image_id").chunks)
-    distinct = pc.count_distinct(every).as_py()
-    summary = {
-        "status": "complete",
-        "inputs": total,
-        "labelled": masks.num_rows,
-        "errors": errors.num_rows,
-        "errors_transient": transient,
-        "skipped_already_done": already,
-        "duplicates": len(every) - distinct,
-        "missing": total - distinct,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(inputs.num_rows / seconds, 3) if inputs.num_rows else None,
-        "output": cfg.output,
-        "listing": listing.report(),
-        **labelling.summarize(masks),
-    }
-    summary["timings"] = {**timings, "summary_s": lap()}
-    if summary["duplicates"] or summary["missing"]:
-        summary["status"] = "incomplete"
-    write_run_json(cfg, config_hash, **summary)
+    if cfg.report:
+        summary["report"] = report_of(cfg, run)
     return summary
+
+
+def report_of(cfg: JobConfig, run: RunOutput) -> str | None:
+    """Write <output>/report.html (still under the run's lease); a report that fails is a
+    warning in run.json, never a failed run. Returns its path."""
+    from .report import write_report
+
+    try:
+        written = write_report(cfg.output, storage=cfg.storage)["output"]
+    except Exception as err:  # noqa: BLE001 - the masks are done; the page is extra
+        run.entry.setdefault("warnings", []).append(
+            f"the report could not be written: {type(err).__name__}: {err}"
+        )
+        written = None
+    run.entry["report"] = written
+    run.write_record()
+    return written
 
 
 def print_summary(summary: dict, file=sys.stdout, job: str = "pseudolabel") -> None:
     rate = summary["images_per_second"] or "-"
+    retried = summary.get("errors_transient", 0) + summary.get("errors_internal", 0)
     print(
         "\n".join(
             [
@@ -340,12 +409,17 @@ def print_summary(summary: dict, file=sys.stdout, job: str = "pseudolabel") -> N
                 f"{job} {summary['status']}: {summary['inputs']} inputs",
                 f"  labelled  {summary['labelled']}",
                 f"  errors    {summary['errors']}   (see errors/ for reasons; "
-                f"{summary.get('errors_transient', 0)} transient, tried again by a rerun)",
+                f"{summary.get('errors_permanent', 0)} permanent, {retried} tried again by a "
+                f"rerun: {summary.get('errors_transient', 0)} transient, "
+                f"{summary.get('errors_internal', 0)} internal)",
                 f"  skipped   {summary['skipped_already_done']}   (done by this config before)",
                 *listing_lines(summary.get("listing")),
                 f"  speed     {rate} images/s over {summary['seconds']} s",
                 *transport_lines(summary.get("transport")),
-                f"  output    {summary['output']}  (masks/, errors/, run.json)",
+                *[f"  WARNING   {w}" for w in summary.get("warnings", [])],
+                *([f"  reason    {summary['reason']}"] if summary.get("reason") else []),
+                f"  output    {summary['output']}  (masks/, errors/, run.json"
+                + (", report.html)" if summary.get("report") else ")"),
             ]
         ),
         file=file,
@@ -371,15 +445,19 @@ NOT_CONVERGED_WARNING = 0.01
 def transport_lines(t: dict | None) -> list[str]:
     if not t:
         return []
-    lines = [
+    return [
         f"  transport {100 * (1 - t['not_converged_fraction']):.1f}% converged "
         f"(median {t['iterations']['p50']:.0f} iterations, max {t['iterations']['max']:.0f})"
     ]
-    if t["not_converged_fraction"] > NOT_CONVERGED_WARNING:
-        lines.append(
-            f"  WARNING   Sinkhorn did not converge for {t['not_converged']} images "
-            f"({100 * t['not_converged_fraction']:.1f}%, row error >= {t['tol']:g}): their "
-            "masks may be off; raise potnet.ot_max_iters or potnet.ot_epsilon "
-            "(per-image ot_iterations / ot_marginal_error are in masks/)"
-        )
-    return lines
+
+
+def transport_warnings(t: dict | None) -> list[str]:
+    """What run.json and the summary warn of in Sinkhorn's convergence."""
+    if not t or t["not_converged_fraction"] <= NOT_CONVERGED_WARNING:
+        return []
+    return [
+        f"Sinkhorn did not converge for {t['not_converged']} images "
+        f"({100 * t['not_converged_fraction']:.1f}%, row error >= {t['tol']:g}): their "
+        "masks may be off; raise potnet.ot_max_iters or potnet.ot_epsilon "
+        "(per-image ot_iterations / ot_marginal_error are in masks/)"
+    ]

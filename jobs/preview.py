@@ -11,12 +11,16 @@ from autosod_ray.preview import render_sheet
 
 def main() -> int:
     p = job_parser(__doc__, "preview.yaml")
-    p.add_argument("--predictions", required=True)
-    p.add_argument("--images", required=True)
-    p.add_argument("--ground-truth")
-    p.add_argument("--output", required=True)
-    p.add_argument("--n", type=int)
-    p.add_argument("--worst", action="store_true")
+    p.add_argument(
+        "--predictions", required=True, help="pseudolabel / predict output, or a PNG folder"
+    )
+    p.add_argument("--images", required=True, help="folder or URI of the images (by file stem)")
+    p.add_argument("--ground-truth", help="folder or URI of ground-truth mask PNGs (optional)")
+    p.add_argument("--output", required=True, help="the sheet's PNG path or URI")
+    p.add_argument("--n", type=int, help="rows on the sheet (default 24)")
+    p.add_argument(
+        "--worst", action="store_true", help="the lowest-IoU images (needs --ground-truth)"
+    )
     args = p.parse_args()
     keys = ("predictions", "images", "ground_truth", "output", "n", "worst")
     result = render_sheet(load_job_config(PreviewConfig, args, keys))

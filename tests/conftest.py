@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from autosod_ray.config import BackboneConfig
 
@@ -234,6 +235,12 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.3)
 
 
+def driver_of(supervisor: int) -> int:
+    """The driver of a job started with start_script: the child its supervisor started."""
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return int(children[0])
+
+
 def head_process(ray_head, marker: str) -> int | None:
     """PID of a process of our own Ray head whose command line contains `marker`."""
     for entry in Path("/proc").iterdir():
@@ -254,4 +261,69 @@ def copy_photos(root: Path, ecssd: Path, n: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for i in range(1, n + 1):
         shutil.copy(ecssd / "images" / f"{i:04d}.jpg", root / f"{i:04d}.jpg")
+    return root
+
+
+# ---------------------------------------------------------------- a folder of awkward inputs
+
+PHOTOS = ["0001", "0002", "0003", "0004", "0005", "0006"]
+GOOD = {  # image_id -> (height, width) after EXIF orientation
+    "photos/0001.jpg": None,
+    "photos/0002.jpg": None,
+    "photos/0003.jpg": None,
+    "photos/deeper/0004.JPG": None,
+    "0005.jpeg": None,
+    "0006.png": None,
+    "odd/cmyk.jpg": (48, 64),
+    "odd/palette.png": (48, 64),
+    "odd/gray16.png": (48, 64),
+    "odd/rgba.png": (48, 64),
+    "odd/gray.jpg": (48, 64),
+    "odd/rotated.jpg": (64, 48),
+}
+BAD = {
+    "bad/empty.jpg": "empty file",
+    "bad/truncated.jpg": "corrupt or truncated",
+    "bad/text.png": "not an image",
+    "bad/tiny.png": "smaller than one patch",
+    "bad/bomb.png": "decompression-bomb guard: 1200 x 1000 pixels > max_pixels 1000000 "
+    "(raise potnet.max_pixels to allow)",
+}
+MAX_PIXELS = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, ecssd) -> Path:
+    """Real photos (nested, odd extensions) plus every kind of awkward and bad file."""
+    root = tmp_path_factory.mktemp("images")
+    for stem, rel in zip(
+        PHOTOS, [k for k in GOOD if k[-8:-4].isdigit() or "0005" in k or "0006" in k], strict=True
+    ):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img = Image.open(ecssd / "images" / f"{stem}.jpg")
+        img.save(path, format="PNG" if rel.endswith(".png") else "JPEG")
+        GOOD[rel] = (img.height, img.width)
+    odd = root / "odd"
+    odd.mkdir()
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    rgb.convert("CMYK").save(odd / "cmyk.jpg")
+    rgb.convert("P", palette=Image.ADAPTIVE).save(odd / "palette.png")
+    Image.fromarray((np.arange(48 * 64).reshape(48, 64) * 20).astype(np.uint16)).save(
+        odd / "gray16.png"
+    )
+    rgb.convert("RGBA").save(odd / "rgba.png")
+    rgb.convert("L").save(odd / "gray.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    rgb.save(odd / "rotated.jpg", exif=exif.tobytes())
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    full = (root / "photos" / "0001.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(full[: len(full) // 3])
+    (bad / "text.png").write_bytes(b"this is not a picture")
+    Image.new("RGB", (5, 5)).save(bad / "tiny.png")
+    Image.new("L", (1200, 1000)).save(bad / "bomb.png")
+    (root / "notes.txt").write_text("not an image extension: not an input")
     return root

@@ -54,10 +54,86 @@ def test_stale_orphaned_or_forced_leases_are_taken_over(tmp_path, monkeypatch):
         pass
 
 
-def test_of_two_runs_starting_together_only_one_wins(tmp_path, monkeypatch):
-    """No atomic create on object stores: the taker reads its token back after a moment,
-    and a rival that wrote meanwhile wins."""
-    monkeypatch.setattr(lease_mod.time, "sleep", lambda seconds: _foreign(tmp_path))
-    with pytest.raises(LeaseError, match="at the same moment"):
-        OutputLease(str(tmp_path), {}, "a").acquire()
-    assert json.loads((tmp_path / LEASE).read_text())["owner"] == "train by eve"
+RACER = """
+import sys, time
+from autosod_ray.data import lease
+from autosod_ray.data.lease import LeaseError, OutputLease
+output, start_at, opts = sys.argv[1], float(sys.argv[2]), eval(sys.argv[3])
+lease.HEARTBEAT_S = 0.2
+held = OutputLease(output, opts, "racer", on_lost=lambda: None)
+time.sleep(max(0.0, start_at - time.time()))
+try:
+    held.acquire()
+except LeaseError as err:
+    print("LOST", err, flush=True)
+    sys.exit(0)
+print("WON", flush=True)
+time.sleep(2.0)
+held.release()
+"""
+
+
+def race(output: str, opts: dict, env: dict | None = None) -> list[str]:
+    """Two processes take the lease of `output` at the same instant: what each said."""
+    start_at = time.time() + 3.0  # both interpreters are up by then
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACER, output, str(start_at), repr(opts)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for _ in range(2)
+    ]  # fmt: skip
+    return [p.communicate(timeout=60)[0] for p in procs]
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_of_two_processes_starting_together_exactly_one_wins(store, tmp_path, request):
+    """No atomic create on object stores: a taker reads its token back after a moment,
+    and of two real processes taking the lease at once, exactly one holds it."""
+    if store == "s3":
+        s3 = request.getfixturevalue("s3")
+        import s3fs
+
+        s3fs.S3FileSystem(endpoint_url=s3["endpoint"]).mkdir("leases")
+        output, opts = "s3://leases/run", {"endpoint_url": s3["endpoint"]}
+    else:
+        output, opts = str(tmp_path / "run"), {}
+    for _ in range(2):  # twice: the second race starts on a released lease
+        said = race(output, opts, {**os.environ, "PYTHONPATH": os.getcwd()})
+        assert sorted(line.split()[0] for line in said) == ["LOST", "WON"], said
+        lost = next(line for line in said if line.startswith("LOST"))
+        assert "racer" in lost and ("same moment" in lost or "in use by another run" in lost)
+
+
+def test_a_run_whose_lease_was_taken_stops_and_names_the_taker(tmp_path):
+    """The heartbeat reads the lease before renewing it: after a takeover (--force-unlock
+    from elsewhere) the first run stops writing the lease and is told, with the taker."""
+    lost = []
+    first = OutputLease(str(tmp_path), {}, "pseudolabel by ada", on_lost=lambda: lost.append(1))
+    first.acquire()
+    with OutputLease(str(tmp_path), {}, "pseudolabel by bob", force=True):
+        deadline = time.time() + 5
+        while not lost and time.time() < deadline:
+            time.sleep(0.05)
+        assert lost and "taken by pseudolabel by bob" in first.lost
+        time.sleep(0.3)  # the first run no longer writes: the lease stays bob's
+        assert json.loads((tmp_path / LEASE).read_text())["owner"] == "pseudolabel by bob"
+    first.release()  # leaves bob's lease alone (bob released it himself)
+    assert not (tmp_path / LEASE).exists()
+
+
+def test_a_heartbeat_that_keeps_failing_ends_the_run(tmp_path, monkeypatch):
+    """Any exception in a heartbeat is retried; failing for LOST_AFTER_S gives the lease up
+    (others would take it as stale) and tells the run, instead of ending silently."""
+    monkeypatch.setattr(lease_mod, "LOST_AFTER_S", 0.3)
+    lost = []
+    held = OutputLease(str(tmp_path), {}, "me", on_lost=lambda: lost.append(1))
+    held.acquire()
+
+    def broken(record):
+        raise RuntimeError("credentials expired")
+
+    monkeypatch.setattr(held, "_write", broken)
+    deadline = time.time() + 5
+    while not lost and time.time() < deadline:
+        time.sleep(0.05)
+    assert lost and "could not be renewed" in held.lost and "credentials expired" in held.lost
+    held.release()

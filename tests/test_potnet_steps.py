@@ -451,7 +451,12 @@ def test_lanczos_path_finds_the_same_eigenvectors_as_lapack():
 def test_transport_summary_and_its_warning():
     import pyarrow as pa
 
-    from autosod_ray.pseudolabel import NOT_CONVERGED_WARNING, transport_lines, transport_summary
+    from autosod_ray.pseudolabel import (
+        NOT_CONVERGED_WARNING,
+        transport_lines,
+        transport_summary,
+        transport_warnings,
+    )
 
     n = 200
     iterations = np.full(n, 40, np.int32)
@@ -463,13 +468,14 @@ def test_transport_summary_and_its_warning():
     assert t["not_converged_fraction"] == pytest.approx(0.015)
     assert t["not_converged_fraction"] > NOT_CONVERGED_WARNING
     assert t["iterations"]["p50"] == 40 and t["iterations"]["max"] == 1000
-    lines = transport_lines(t)
-    assert "98.5% converged" in lines[0] and "WARNING" in lines[1] and "3 images" in lines[1]
+    (line,), (warning,) = transport_lines(t), transport_warnings(t)  # run.json keeps warnings
+    assert "98.5% converged" in line and "did not converge for 3 images" in warning
     iterations[:3], error[:3] = 40, 1e-5  # all converged: no warning
     quiet = transport_summary(
         pa.table({"ot_iterations": iterations, "ot_marginal_error": error}), 1e-4
     )
     assert len(transport_lines(quiet["transport"])) == 1
+    assert transport_warnings(quiet["transport"]) == []
     # no Sinkhorn ran (transport off, or predict): nothing to say
     none = pa.table({"ot_iterations": np.zeros(4, np.int32), "ot_marginal_error": np.zeros(4)})
     assert transport_summary(none, 1e-4) == {} and transport_lines(None) == []

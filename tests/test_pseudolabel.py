@@ -17,6 +17,10 @@ import pytest
 from PIL import Image
 
 from tests.conftest import (
+    BAD,
+    GOOD,
+    MAX_PIXELS,
+    driver_of,
     head_process,
     job_env,
     ray_job_submit,
@@ -24,68 +28,6 @@ from tests.conftest import (
     start_script,
     wait_for,
 )
-
-PHOTOS = ["0001", "0002", "0003", "0004", "0005", "0006"]
-GOOD = {  # image_id -> (height, width) after EXIF orientation
-    "photos/0001.jpg": None,
-    "photos/0002.jpg": None,
-    "photos/0003.jpg": None,
-    "photos/deeper/0004.JPG": None,
-    "0005.jpeg": None,
-    "0006.png": None,
-    "odd/cmyk.jpg": (48, 64),
-    "odd/palette.png": (48, 64),
-    "odd/gray16.png": (48, 64),
-    "odd/rgba.png": (48, 64),
-    "odd/gray.jpg": (48, 64),
-    "odd/rotated.jpg": (64, 48),
-}
-BAD = {
-    "bad/empty.jpg": "empty file",
-    "bad/truncated.jpg": "corrupt or truncated",
-    "bad/text.png": "not an image",
-    "bad/tiny.png": "smaller than one patch",
-    "bad/bomb.png": "decompression-bomb guard: 1200 x 1000 pixels > max_pixels 1000000 "
-    "(raise potnet.max_pixels to allow)",
-}
-MAX_PIXELS = 1_000_000
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ecssd) -> Path:
-    """Real photos (nested, odd extensions) plus every kind of awkward and bad file."""
-    root = tmp_path_factory.mktemp("images")
-    for stem, rel in zip(
-        PHOTOS, [k for k in GOOD if k[-8:-4].isdigit() or "0005" in k or "0006" in k], strict=True
-    ):
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img = Image.open(ecssd / "images" / f"{stem}.jpg")
-        img.save(path, format="PNG" if rel.endswith(".png") else "JPEG")
-        GOOD[rel] = (img.height, img.width)
-    odd = root / "odd"
-    odd.mkdir()
-    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
-    rgb.convert("CMYK").save(odd / "cmyk.jpg")
-    rgb.convert("P", palette=Image.ADAPTIVE).save(odd / "palette.png")
-    Image.fromarray((np.arange(48 * 64).reshape(48, 64) * 20).astype(np.uint16)).save(
-        odd / "gray16.png"
-    )
-    rgb.convert("RGBA").save(odd / "rgba.png")
-    rgb.convert("L").save(odd / "gray.jpg")
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
-    rgb.save(odd / "rotated.jpg", exif=exif.tobytes())
-    bad = root / "bad"
-    bad.mkdir()
-    (bad / "empty.jpg").write_bytes(b"")
-    full = (root / "photos" / "0001.jpg").read_bytes()
-    (bad / "truncated.jpg").write_bytes(full[: len(full) // 3])
-    (bad / "text.png").write_bytes(b"this is not a picture")
-    Image.new("RGB", (5, 5)).save(bad / "tiny.png")
-    Image.new("L", (1200, 1000)).save(bad / "bomb.png")
-    (root / "notes.txt").write_text("not an image extension: not an input")
-    return root
 
 
 def run_job(args: list[str], env: dict, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -131,6 +73,9 @@ def test_job_labels_a_folder_and_resumes(dataset, tmp_path, weights_path):
     done = run_job(job_args(str(dataset), str(out), weights_path), env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "labelled  12" in done.stdout and "errors    5" in done.stdout
+    assert "pseudolabel  17/17 images  100.0%" in done.stderr  # progress, in images
+    assert "5 errors" in done.stderr.split("17/17 images")[-1].splitlines()[0]
+    assert (out / "report.html").exists() and "report.html" in done.stdout  # by default
     check_output(out)
     # plain columns for any reader: pyarrow, pandas, DuckDB
     table = pq.read_table(out / "masks")
@@ -158,9 +103,10 @@ def test_job_labels_a_folder_and_resumes(dataset, tmp_path, weights_path):
     n = duckdb.sql(f"select count(*) from read_parquet('{out}/masks/*.parquet')").fetchall()[0][0]
     assert n == len(GOOD)
     run = json.loads((out / "run.json").read_text())
-    assert run["status"] == "complete" and run["labelled"] == 12 and run["errors"] == 5
+    assert run["status"] == "complete with input errors" and run["labelled"] == 12
+    assert run["errors"] == run["errors_permanent"] == 5
     assert run["config"]["backbone"]["image_size"] == 224 and len(run["config_hash"]) == 16
-    assert run["listing"] == {
+    assert run["runs"][-1]["listing"] == {
         "images": 17,
         "ignored": {".txt": 1},
         "unreadable": 0,
@@ -200,6 +146,10 @@ def test_job_labels_a_folder_and_resumes(dataset, tmp_path, weights_path):
         job_args(str(dataset), str(out), weights_path, "--set", "potnet.num_clusters=2"), env
     )
     assert other.returncode == 2 and "--overwrite" in other.stderr
+    assert "potnet.num_clusters: 3 -> 2" in other.stderr  # the difference, named
+    history = json.loads((out / "run.json").read_text())["runs"]
+    assert [r["labelled_this_run"] for r in history] == [17, 0, 1]  # each run, its own entry
+    assert history[0]["timings"]["labelling_s"] > history[1]["timings"]["labelling_s"]
 
 
 @pytest.mark.parametrize("offline_env", [{"HF_HUB_OFFLINE": "1"}, {}], ids=["hf-offline", "no-net"])
@@ -265,8 +215,8 @@ def test_a_request_the_cluster_can_never_hold_stops_at_once(dataset, tmp_path, w
                   job_env(), timeout=180)  # fmt: skip
     assert res.returncode == 2 and "pipeline.num_cpus" in res.stderr, res.stderr[-2000:]
     assert "no autoscaler" in res.stderr and "Traceback" not in res.stderr
-    run = json.loads((out / "run.json").read_text())
-    assert run["status"] == "failed" and "pipeline.num_cpus" in run["reason"]
+    run = json.loads((out / "run.json").read_text())  # found once Ray is up: recorded
+    assert run["status"] == "user error" and "pipeline.num_cpus" in run["runs"][-1]["reason"]
     assert time.monotonic() - start < 120
 
 
@@ -318,7 +268,9 @@ def test_ray_job_submit_with_s3_input_and_output(dataset, s3, ray_head, weights_
     )
     assert masks.source_uri.str.startswith("s3://data/images/").all()
     check_output(masks, errors)
-    assert json.loads(fs.cat_file("data/autosod/run1/run.json"))["status"] == "complete"
+    assert json.loads(fs.cat_file("data/autosod/run1/run.json"))["status"] == (
+        "complete with input errors"
+    )
 
 
 def slow_job_args(dataset, out, weights_path) -> list[str]:
@@ -351,17 +303,20 @@ def test_killed_driver_then_rerun_ends_exactly_once(dataset, tmp_path, ray_head,
     # a second run into the same output while the first lives is refused, naming the first
     from autosod_ray.data.lease import LeaseError, OutputLease
 
-    with pytest.raises(LeaseError, match=f"in use by another run.*pid {proc.pid}"):
+    with pytest.raises(LeaseError, match=f"in use by another run.*pid {driver_of(proc.pid)}"):
         OutputLease(str(out), {}, "a second run").acquire()
     assert proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-write
+    os.killpg(proc.pid, signal.SIGKILL)  # the job dies mid-write (its driver with it)
     proc.wait()
     partial = _written(out)
     assert 0 < partial < len(GOOD)
     rerun = run_job(args, job_env(RAY_ADDRESS=ray_head["address"]))
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     check_output(out)
-    assert json.loads((out / "run.json").read_text())["skipped_already_done"] >= partial
+    run = json.loads((out / "run.json").read_text())
+    assert run["runs"][-1]["skipped_already_done"] >= partial
+    assert [r["status"] for r in run["runs"]] == ["abandoned", "complete with input errors"]
+    assert "took the output over from a run that is gone" in rerun.stderr
 
 
 def test_killed_actor_is_replaced_and_output_is_exactly_once(
@@ -380,7 +335,8 @@ def test_killed_actor_is_replaced_and_output_is_exactly_once(
     assert proc.returncode == 0, stdout[-4000:]
     check_output(out)
     run = json.loads((out / "run.json").read_text())
-    assert run["duplicates"] == 0 and run["missing"] == 0 and run["status"] == "complete"
+    assert run["duplicates"] == 0 and run["missing"] == 0
+    assert run["status"] == "complete with input errors"
 
 
 def test_listing_follows_symlinked_folders_and_counts_what_it_leaves_out(tmp_path):

@@ -121,10 +121,9 @@ def test_train_two_workers_validate_resume_then_predict(
     errors = pd.read_parquet(pred / "errors")
     assert list(errors.image_id) == ["broken.jpg"]
     again = run_script("jobs/predict.py", args, env)  # resumes: nothing left to do
-    assert (
-        again.returncode == 0
-        and json.loads((pred / "run.json").read_text())["skipped_already_done"] == N_IMAGES + 1
-    )
+    run = json.loads((pred / "run.json").read_text())
+    assert again.returncode == 0 and run["runs"][-1]["skipped_already_done"] == N_IMAGES + 1
+    assert run["provenance"]["model"]["sha256"] == meta_sha(out / "model")  # made by it
 
 
 def test_quality_filter_keeps_the_best_masks(pseudo_masks, ray_head, tmp_path):
@@ -164,12 +163,21 @@ def test_quality_filter_keeps_the_best_masks(pseudo_masks, ray_head, tmp_path):
     assert select_pseudo_masks(str(plain.parent), {}, DataSection()).kept == N_IMAGES
 
 
+def meta_sha(model: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+
+
 def test_token_cache_rows_are_the_encoders_own_tokens(pseudo_masks, photos, weights_path):
     """One EncoderStage batch: view 0 is model.encode(image), view 1 the mirrored image's,
-    and each target is the pseudo-mask at the mask grid, mirrored with its view."""
+    each keyed by the digest of the image bytes; a target is the pseudo-mask at the mask
+    grid."""
+    import hashlib
+
     import torch
 
-    from autosod_ray.data.stages import decode
+    from autosod_ray.data.stages import decode, read_bytes
     from autosod_ray.model import build_autosod
     from autosod_ray.train.token_cache import EncoderStage, area_target
 
@@ -179,13 +187,12 @@ def test_token_cache_rows_are_the_encoders_own_tokens(pseudo_masks, photos, weig
         [f"backbone.weights={weights_path}", "pseudo_masks=x", "output=y"],
     )
     rows = pq.read_table(pseudo_masks / "masks").slice(0, 2).to_pydict()
-    batch = {k: np.array(v, dtype=object) for k, v in rows.items()}
-    batch["data"] = np.array([(photos / i).read_bytes() for i in rows["image_id"]], dtype=object)
-    batch["error"] = np.array(["", ""], dtype=object)
-    batch["error_kind"] = np.array(["", ""], dtype=object)
-    batch = decode(batch, image_size=112, max_pixels=10**8, min_side=1)
+    batch = {k: np.array(v, dtype=object) for k, v in rows.items() if k != "image_sha256"}
+    batch = decode(read_bytes(batch, {}), image_size=112, max_pixels=10**8, min_side=1)
     out = EncoderStage(cfg.model_dump(mode="json"))(batch)
     assert list(out["view"]) == [0, 0, 1, 1]
+    digests = [hashlib.sha256((photos / i).read_bytes()).hexdigest() for i in rows["image_id"]]
+    assert list(out["image_sha256"]) == digests * 2 == rows["image_sha256"] * 2
     model = build_autosod(cfg.backbone, cfg.model).eval()
     with torch.inference_mode():
         want = model.encode(torch.as_tensor(batch["image"]))
@@ -195,17 +202,40 @@ def test_token_cache_rows_are_the_encoders_own_tokens(pseudo_masks, photos, weig
     np.testing.assert_allclose(got[2:], mirrored.numpy(), atol=2e-2, rtol=1e-2)
     target = area_target(rows["mask_png"][1], (8, 8))
     assert target.shape == (16, 16) and 0 <= target.min() <= target.max() <= 1
-    got_t = [np.frombuffer(t, np.float16).reshape(16, 16) for t in out["target"]]
-    np.testing.assert_allclose(got_t[1], target, atol=1e-3)
-    np.testing.assert_allclose(got_t[3], target[:, ::-1], atol=1e-3)
+    mask = np.asarray(Image.open(io.BytesIO(rows["mask_png"][1]))) > 127
+    assert abs(target.mean() - mask.mean()) < 0.05  # the mask's share, cell by cell
+
+
+def relabel(masks: Path) -> None:
+    """Other pseudo-masks for the same images, in place (as a relabel with other POTNet
+    settings writes them): every mask inverted, under another config hash."""
+    for path in sorted(masks.glob("*.parquet")):
+        t = pq.read_table(path)
+        inverted = [_png(255 - _gray(b)) for b in t.column("mask_png").to_pylist()]
+        t = t.set_column(t.column_names.index("mask_png"), "mask_png", pa.array(inverted))
+        hashes = pa.array(["relabelled000000"] * t.num_rows)
+        t = t.set_column(t.column_names.index("config_hash"), "config_hash", hashes)
+        pq.write_table(t, path)
+
+
+def _gray(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def test_train_on_cached_tokens_then_reuse_the_cache(
-    pseudo_masks, tmp_path, ray_head, weights_path
+    pseudo_masks, photos, tmp_path, ray_head, weights_path
 ):
+    mine = tmp_path / "pseudo"
+    shutil.copytree(pseudo_masks, mine)
     out = tmp_path / "train"
     env = job_env(RAY_ADDRESS=ray_head["address"])
-    args = train_args(str(pseudo_masks), str(out), weights_path, "--set", "data.cache_tokens=true")
+    args = train_args(str(mine), str(out), weights_path, "--set", "data.cache_tokens=true")
     args += ["--set", "scaling.num_workers=1", "--set", "data.keep_top_fraction=0.5"]
     res = run_script("jobs/train.py", args, env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -215,6 +245,8 @@ def test_train_on_cached_tokens_then_reuse_the_cache(
     assert cache["images"] == N_IMAGES // 2 and cache["rows"] == N_IMAGES  # two views each
     assert cache["encoded"] == N_IMAGES and cache["location"].startswith(str(out / "token_cache"))
     assert summary["steps"] == 6 and np.isfinite(summary["metrics"]["loss"])
+    made_from = summary["provenance"]["pseudo_masks"]
+    assert made_from["kept"] == N_IMAGES // 2 and len(made_from["rows_sha256"]) == 64
     # a longer schedule resumes from its checkpoint and encodes nothing again
     res = run_script("jobs/train.py", [*args, "--set", "optim.max_steps=8"], env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -224,10 +256,67 @@ def test_train_on_cached_tokens_then_reuse_the_cache(
     res = run_script("jobs/train.py", [*args, "--set", "optim.max_steps=8"], env)
     assert res.returncode == 0 and "already complete" in res.stdout, res.stdout[-2000:]
     assert "nothing to do" in res.stdout and "Started a local Ray" not in res.stdout + res.stderr
-    assert json.loads((out / "train.json").read_text()) == summary
+    after = json.loads((out / "train.json").read_text())
+    assert {k: v for k, v in after.items() if k != "runs"} == {
+        k: v for k, v in summary.items() if k != "runs"
+    }  # the model's record stands; the no-op run has its own entry
+    assert after["runs"][-1]["outcome"] == "already complete" and len(after["runs"]) == 3
+    # pseudo-masks relabelled in place: resuming onto them is refused, naming what changed
+    relabel(mine / "masks")
+    longer = [*args, "--set", "optim.max_steps=10"]
+    res = run_script("jobs/train.py", longer, env)
+    assert res.returncode == 2 and "pseudo_masks.config_hashes" in res.stderr, res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1
+    # --overwrite: a fresh training on the new masks; the tokens (same images, same
+    # encoder) are reused, the targets are the new masks
+    res = run_script("jobs/train.py", [*longer, "--overwrite"], env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "resumed from step" not in res.stdout + res.stderr
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["steps"] == 10 and summary["token_cache"]["encoded"] == 0
+    assert summary["token_cache"]["reused"] == summary["token_cache"]["rows"] > 0
+    assert summary["provenance"]["pseudo_masks"]["config_hashes"] == ["relabelled000000"]
     # the cached rows need a frozen encoder
     with pytest.raises(ConfigError, match="freeze_encoder"):
         load_config(TrainConfig, None, ["data.cache_tokens=true", "optim.freeze_encoder=false"])
+
+
+def test_training_pairs_key_masks_by_the_image_they_were_made_of(pseudo_masks, photos, tmp_path):
+    """Targets come from the pseudo-masks, matched to cached tokens by image digest: a
+    relabel gives the new masks for the same keys; an image replaced since labelling is
+    left out (its mask is of another picture)."""
+    import hashlib
+
+    from autosod_ray.config import DataSection
+    from autosod_ray.data.training import select_pseudo_masks
+    from autosod_ray.train.token_cache import training_pairs
+
+    mine = tmp_path / "pseudo"
+    shutil.copytree(pseudo_masks, mine)
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in photos.glob("*.jpg")}
+    now = pa.table({"image_id": list(digests), "image_sha256": list(digests.values())})
+    before, _ = training_pairs(select_pseudo_masks(str(mine), {}, DataSection()), now)
+    relabel(mine / "masks")
+    changed = dict(digests, **{"0001.jpg": "0" * 64})  # replaced on disk since labelling
+    now = pa.table({"image_id": list(changed), "image_sha256": list(changed.values())})
+    after, left_out = training_pairs(select_pseudo_masks(str(mine), {}, DataSection()), now)
+    assert left_out == {"unreadable": 0, "image_changed": 1}
+    assert before.num_rows == N_IMAGES and after.num_rows == N_IMAGES - 1
+    old = dict(zip(*before.to_pydict().values(), strict=True))
+    for key, png in zip(*after.to_pydict().values(), strict=True):
+        assert np.array_equal(_gray(png), 255 - _gray(old[key]))
+
+
+def test_a_corrupt_pseudo_mask_shard_is_named_before_any_work(pseudo_masks, tmp_path):
+    mine = tmp_path / "pseudo"
+    shutil.copytree(pseudo_masks, mine)
+    victim = sorted((mine / "masks").glob("*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    args = train_args(str(mine), str(tmp_path / "out"), "/unused")
+    res = run_script("jobs/train.py", args, job_env())
+    assert res.returncode == 2 and "not a readable Parquet file" in res.stderr
+    assert victim.name in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def train_worker_pid(ray_head) -> int | None:

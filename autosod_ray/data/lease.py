@@ -9,10 +9,17 @@ this host that no longer exists (a killed driver, rerun at once), or the user
 passes --force-unlock. Object stores have no atomic create-if-absent, so a
 taker writes its own token and reads it back after a moment: of two runs
 starting together, the one whose token did not survive gives way.
+
+While it runs, each heartbeat reads the lease back first: a run whose token is
+gone (another run took the output over) stops writing it and calls `on_lost`,
+and so does a run whose heartbeat has failed for `LOST_AFTER_S` (others would
+soon take its lease for a stale one). The jobs' `on_lost` interrupts the
+driver, which then ends with status "failed" naming the taker.
 """
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import posixpath
@@ -20,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import UserError
@@ -29,6 +37,7 @@ LEASE = "_lease.json"
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
 SETTLE_S = 1.0  # how long a taker waits before reading its token back
+LOST_AFTER_S = STALE_S / 2  # a heartbeat failing this long gives the lease up
 
 
 class LeaseError(UserError):
@@ -62,14 +71,33 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
-class OutputLease:
-    """`with OutputLease(output, opts, job, force): ...` holds the output for one run."""
+def interrupt_driver() -> None:
+    """The default `on_lost`: raise KeyboardInterrupt in the main thread (the driver
+    then ends through its usual path, which reads `lease.lost` for the reason)."""
+    _thread.interrupt_main()
 
-    def __init__(self, output: str, storage_options: dict, owner: str, force: bool = False):
+
+class OutputLease:
+    """`with OutputLease(output, opts, job, force): ...` holds the output for one run.
+
+    After `acquire`, `took_over` is the dead run's lease this run took over (None when
+    the output was free), and `lost` says why the lease was lost, if it was.
+    """
+
+    def __init__(
+        self,
+        output: str,
+        storage_options: dict,
+        owner: str,
+        force: bool = False,
+        on_lost: Callable[[], None] = interrupt_driver,
+    ):
         self.fs, root = open_fs(output, storage_options)
         self.path = posixpath.join(root, LEASE)
-        self.output, self.owner, self.force = output, owner, force
+        self.output, self.owner, self.force, self.on_lost = output, owner, force, on_lost
         self.record: LeaseRecord | None = None
+        self.took_over: LeaseRecord | None = None
+        self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -84,24 +112,27 @@ class OutputLease:
     def _write(self, record: LeaseRecord) -> None:
         self.fs.pipe_file(self.path, json.dumps(record.__dict__).encode())
 
+    def _live(self, other: LeaseRecord, now: float) -> bool:
+        stale = now - other.heartbeat > STALE_S
+        orphaned = other.host == socket.gethostname() and _process_gone(other.pid)
+        return not (stale or orphaned)
+
     def held_by_another(self, now: float) -> LeaseRecord | None:
         """The live lease of another run, if any (stale or orphaned leases don't count)."""
         other = self._read()
         if other is None or (self.record and other.token == self.record.token):
             return None
-        stale = now - other.heartbeat > STALE_S
-        orphaned = other.host == socket.gethostname() and _process_gone(other.pid)
-        return None if stale or orphaned else other
+        return other if self._live(other, now) else None
 
     def acquire(self) -> None:
         now = time.time()
-        other = self.held_by_another(now)
-        if other and not self.force:
+        previous = self._read()
+        if previous is not None and self._live(previous, now) and not self.force:
             raise LeaseError(
-                f"--output {self.output!r} is in use by another run: {other.describe(now)}; "
-                f"wait for it to end, use another output, or, if that run is dead, rerun "
-                f"with --force-unlock (a lease with no heartbeat for {STALE_S:.0f} s is taken "
-                "over without it)"
+                f"--output {self.output!r} is in use by another run: "
+                f"{previous.describe(now)}; wait for it to end, use another output, or, if "
+                f"that run is dead, rerun with --force-unlock (a lease with no heartbeat for "
+                f"{STALE_S:.0f} s is taken over without it)"
             )
         self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
         self.record = LeaseRecord(
@@ -121,26 +152,51 @@ class OutputLease:
                 f"--output {self.output!r}: another run took it at the same moment "
                 f"({won.describe(time.time()) if won else 'unknown'}); use another output"
             )
+        self.took_over = previous
         self._thread = threading.Thread(target=self._beat, daemon=True, name="output-lease")
         self._thread.start()
 
+    def _renew(self) -> None:
+        """One heartbeat: the lease must still be ours (else LeaseError), then renew it."""
+        current = self._read()
+        if current is None or current.token != self.record.token:
+            taker = current.describe(time.time()) if current else "someone removed it"
+            raise LeaseError(f"--output {self.output!r}: this run's lease was taken by {taker}")
+        self.record.heartbeat = time.time()
+        self._write(self.record)
+
+    def _lose(self, reason: str) -> None:
+        self.lost = reason
+        self._stop.set()
+        self.on_lost()
+
     def _beat(self) -> None:
+        last_renewed = time.time()
         while not self._stop.wait(HEARTBEAT_S):
-            self.record.heartbeat = time.time()
             try:
-                self._write(self.record)
-            except OSError:  # a missed beat is retried at the next one
-                pass
+                self._renew()
+                last_renewed = time.time()
+            except LeaseError as err:
+                return self._lose(str(err))
+            except Exception as err:  # noqa: BLE001 - retried until LOST_AFTER_S
+                if time.time() - last_renewed > LOST_AFTER_S:
+                    return self._lose(
+                        f"--output {self.output!r}: the lease could not be renewed for "
+                        f"{LOST_AFTER_S:.0f} s ({type(err).__name__}: {err})"
+                    )
 
     def release(self) -> None:
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        if self.record is not None:
-            current = self._read()
-            if current is not None and current.token == self.record.token:
-                self.fs.rm(self.path)
-            self.record = None
+        if self.record is not None and self.lost is None:
+            try:
+                current = self._read()
+                if current is not None and current.token == self.record.token:
+                    self.fs.rm(self.path)
+            except OSError:  # an output that went away: nothing left to release
+                pass
+        self.record = None
 
     def __enter__(self) -> OutputLease:
         self.acquire()

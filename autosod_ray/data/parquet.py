@@ -26,6 +26,7 @@ MASK_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
         ("source_uri", pa.string()),
+        ("image_sha256", pa.string()),  # of the image's bytes as read: what the mask is of
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("mask_png", pa.binary()),  # binary mask, 0/255 grayscale PNG at the image's size
@@ -45,7 +46,8 @@ ERROR_SCHEMA = pa.schema(
         ("image_id", pa.string()),
         ("source_uri", pa.string()),
         ("error", pa.string()),
-        ("error_kind", pa.string()),  # "permanent" (counts as done) or "transient" (retried)
+        ("error_kind", pa.string()),  # permanent (done) | transient, internal (retried)
+        ("attempts", pa.int32()),  # runs that failed on this image
         ("config_hash", pa.string()),
     ]
 )
@@ -68,10 +70,11 @@ def shard_name(ids: list[str]) -> str:
     return f"part-{digest}.parquet"
 
 
-def write_table_atomic(fs, directory: str, table: pa.Table) -> str:
-    """Write `table` to directory/part-<digest>.parquet so readers never see half a file."""
+def write_table_atomic(fs, directory: str, table: pa.Table, key: str = "image_id") -> str:
+    """Write `table` to directory/part-<digest of its `key` column>.parquet so readers never
+    see half a file."""
     fs.makedirs(directory, exist_ok=True)
-    final = posixpath.join(directory, shard_name(table.column("image_id").to_pylist()))
+    final = posixpath.join(directory, shard_name(table.column(key).to_pylist()))
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     if getattr(fs, "protocol", None) in ("file", ("file", "local"), "local"):
@@ -104,7 +107,8 @@ def split_rows(table: pa.Table) -> dict[str, pa.Table]:
 
 class ShardDatasink(Datasink):
     """Writes each block's rows as Parquet shards of at most `rows_per_file` rows under
-    <output>/<folder>, where `route(table) -> {folder: rows}` decides the folders."""
+    <output>/<folder>, where `route(table) -> {folder: rows}` decides the folders; files
+    are named by a digest of their `key` column."""
 
     def __init__(
         self,
@@ -112,9 +116,12 @@ class ShardDatasink(Datasink):
         storage_options: dict,
         rows_per_file: int,
         route: Callable[[pa.Table], dict[str, pa.Table]],
+        key: str = "image_id",
+        on_written: Callable[[dict[str, int]], None] | None = None,
     ):
         self.output, self.storage_options = output, storage_options
-        self.rows_per_file, self.route = rows_per_file, route
+        self.rows_per_file, self.route, self.key = rows_per_file, route, key
+        self.on_written = on_written  # told {folder: rows} after each write (progress)
 
     @property
     def min_rows_per_write(self) -> int:
@@ -131,21 +138,18 @@ class ShardDatasink(Datasink):
             counts[name] = counts.get(name, 0)
             for start in range(0, part.num_rows, self.rows_per_file):
                 chunk = part.slice(start, self.rows_per_file)
-                write_table_atomic(fs, posixpath.join(root, name), chunk)
+                write_table_atomic(fs, posixpath.join(root, name), chunk, self.key)
                 counts[name] += chunk.num_rows
+        if self.on_written is not None:
+            self.on_written(counts)
         return counts
-
-
-def PseudoMaskDatasink(output: str, storage_options: dict, rows_per_file: int) -> ShardDatasink:
-    """<output>/masks and <output>/errors, in their schemas."""
-    return ShardDatasink(output, storage_options, rows_per_file, split_rows)
 
 
 def read_table_folder(uri: str, storage_options: dict, columns: list[str]) -> pa.Table:
     """`columns` of every Parquet file under `uri` (none there: an empty table), skipping
     the `_`- and `.`-prefixed names that writers use for files not yet complete."""
     fs, root = open_fs(uri, storage_options)
-    parts = [_read_columns(fs, path, columns) for path in shard_files(fs, root)]
+    parts = [read_columns(fs, path, columns) for path in shard_files(fs, root)]
     return pa.concat_tables(parts) if parts else pa.table({c: pa.array([]) for c in columns})
 
 
@@ -160,7 +164,7 @@ def shard_files(fs, root: str) -> list[str]:
     ]
 
 
-def _read_columns(fs, path: str, columns: list[str]) -> pa.Table:
+def read_columns(fs, path: str, columns: list[str]) -> pa.Table:
     """`columns` of one file; a column the file predates reads as nulls."""
     with fs.open(path, "rb") as fh:
         f = pq.ParquetFile(fh)

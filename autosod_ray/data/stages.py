@@ -4,7 +4,10 @@
 
 Columns along the way:
     list    image_id, source_uri
-    read    + data (encoded bytes), error ("" when fine), error_kind
+    list    image_id, source_uri (+ attempts: earlier runs this image failed for a passing
+            reason, in the labelling jobs)
+    read    + data (encoded bytes), image_sha256 (of those bytes), error ("" when fine),
+            error_kind
     decode  - data, + image (S x S x 3 uint8), height, width
     model   - image, + saliency (h x w float32), confidence, consistency_loss, quality,
               ot_iterations, ot_marginal_error
@@ -13,22 +16,33 @@ Columns along the way:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 import time
 from collections.abc import Callable
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
+from ..endings import RunFailed
 from .images import ImageError, decode_image, resize_square
-from .parquet import MODEL_COLUMNS
+from .parquet import MODEL_COLUMNS, split_rows
 from .uris import read_bytes_at
 
 # a row's error_kind: input problems stay (undecodable, not an image, too small, a bomb, gone);
-# anything else (I/O, throttling, timeouts, out of memory, a failed model call) is tried again
-PERMANENT, TRANSIENT = "permanent", "transient"
+# passing ones (I/O, throttling, timeouts, out of memory) are tried again by a rerun, up to
+# pipeline.max_attempts runs; an exception in our own code on a valid image is `internal`
+# (a bug: tried again by a rerun, and the run that saw it exits non-zero)
+PERMANENT, TRANSIENT, INTERNAL = "permanent", "transient", "internal"
+RETRIED = (TRANSIENT, INTERNAL)  # kinds a rerun tries again
 READ_ATTEMPTS = 4  # a read is tried this many times, backing off 0.5, 1, 2 s (plus jitter)
+MIN_INTERNAL_ERRORS = 4  # internal errors an actor tolerates before max_error_fraction applies
+
+
+class TooManyInternalErrors(RunFailed):
+    """A model actor saw more internal errors than pipeline.max_error_fraction allows."""
 
 
 def read_with_retries(uri: str, storage_options: dict, attempts: int = READ_ATTEMPTS) -> bytes:
@@ -49,18 +63,21 @@ def read_with_retries(uri: str, storage_options: dict, attempts: int = READ_ATTE
 def read_bytes(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str, np.ndarray]:
     """Fetch each source_uri; a failure becomes that row's error (and its kind), never the
     batch's."""
-    data, errors, kinds = [], [], []
+    data, digests, errors, kinds = [], [], [], []
     for uri in batch["source_uri"]:
         try:
             data.append(read_with_retries(uri, storage_options))
+            digests.append(hashlib.sha256(data[-1]).hexdigest())
             errors.append("")
             kinds.append("")
         except (FileNotFoundError, IsADirectoryError) as err:
             data.append(b"")
+            digests.append("")
             errors.append(f"could not read: {type(err).__name__}: {err}")
             kinds.append(PERMANENT)
         except (OSError, ValueError) as err:
             data.append(b"")
+            digests.append("")
             errors.append(
                 f"could not read after {READ_ATTEMPTS} tries: {type(err).__name__}: {err}"
             )
@@ -68,6 +85,7 @@ def read_bytes(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str,
     return {
         **batch,
         "data": np.array(data, dtype=object),
+        "image_sha256": np.array(digests, dtype=object),
         "error": np.array(errors, dtype=object),
         "error_kind": np.array(kinds, dtype=object),
     }
@@ -124,11 +142,16 @@ class ModelStage:
     columns it does not report get their schema default. A batch the model fails
     on (out of memory, or any other error) is split in halves and each half tried
     again, down to single images: one bad image, or a batch too big for the
-    device, costs no other row. An image that still fails gets a transient error.
+    device, costs no other row. An image that still fails gets a `transient`
+    error when the device ran out of memory, else an `internal` one (our bug);
+    when internal errors pass `max_error_fraction` of the images this actor saw
+    (and MIN_INTERNAL_ERRORS), the actor stops the run (TooManyInternalErrors).
     """
 
-    def __init__(self, model_factory: Callable[[], Callable]):
+    def __init__(self, model_factory: Callable[[], Callable], max_error_fraction: float = 1.0):
         self.model = model_factory()
+        self.max_error_fraction = max_error_fraction
+        self.seen, self.internal, self.first_internal = 0, 0, ""
 
     def _label(self, images: np.ndarray, rows: np.ndarray, results: dict) -> None:
         """Label `images` (their row numbers `rows`) into `results`, splitting on failure."""
@@ -136,8 +159,11 @@ class ModelStage:
             saliency, columns = self.model(images)
         except Exception as err:  # noqa: BLE001 - isolated below, then a row's error
             if len(rows) == 1:
-                oom = "out of memory" if out_of_memory(err) else "labelling failed"
-                results[int(rows[0])] = f"{oom}: {type(err).__name__}: {err}"
+                if out_of_memory(err):
+                    reason = (TRANSIENT, f"out of memory: {type(err).__name__}: {err}")
+                else:
+                    reason = (INTERNAL, f"labelling failed: {type(err).__name__}: {err}")
+                results[int(rows[0])] = reason
                 return
             half = len(rows) // 2
             self._label(images[:half], rows[:half], results)
@@ -146,6 +172,22 @@ class ModelStage:
         for j, i in enumerate(rows):
             results[int(i)] = (saliency[j], {k: v[j] for k, v in columns.items()})
 
+    def _count(self, results: dict) -> None:
+        """Stop the run when internal errors are no longer the odd image."""
+        failed = [r[1] for r in results.values() if isinstance(r[0], str) and r[0] == INTERNAL]
+        self.seen += len(results)
+        self.internal += len(failed)
+        self.first_internal = self.first_internal or (failed[0] if failed else "")
+        if (
+            self.internal >= MIN_INTERNAL_ERRORS
+            and self.internal > self.max_error_fraction * self.seen
+        ):
+            raise TooManyInternalErrors(
+                f"stopped: {self.internal} of the {self.seen} images one model actor labelled "
+                f"failed inside the model (more than pipeline.max_error_fraction="
+                f"{self.max_error_fraction:g}); first: {self.first_internal[:500]}"
+            )
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.array([e == "" for e in batch["error"]], dtype=bool)
         errors, kinds = list(batch["error"]), list(batch["error_kind"])
@@ -153,10 +195,11 @@ class ModelStage:
         results: dict[int, object] = {}
         if ok.any():
             self._label(batch["image"][ok], np.flatnonzero(ok), results)
-        done = {i: r for i, r in results.items() if not isinstance(r, str)}
-        for i, reason in results.items():
-            if isinstance(reason, str):
-                errors[i], kinds[i] = reason, TRANSIENT
+        self._count(results)
+        done = {i: r for i, r in results.items() if not isinstance(r[0], str)}
+        for i, (kind, reason) in results.items():
+            if isinstance(kind, str):
+                errors[i], kinds[i] = reason, kind
         grid = next(iter(done.values()))[0].shape if done else (1, 1)
         full_sal = np.zeros((len(ok),) + tuple(grid), np.float32)
         for i, (saliency, _) in done.items():
@@ -208,3 +251,34 @@ def encode(
         "backbone": np.array([backbone] * n, dtype=object),
         "config_hash": np.array([config_hash] * n, dtype=object),
     }
+
+
+def settle_errors(table: pa.Table, max_attempts: int) -> pa.Table:
+    """Count this run's try in every failed row's `attempts` (the rows arrive with the
+    earlier runs' count); a transient failure that has now failed `max_attempts` runs
+    becomes permanent, and says so."""
+    failed = np.array([e != "" for e in table.column("error").to_pylist()], dtype=bool)
+    if "attempts" in table.column_names:
+        earlier = table.column("attempts").to_numpy(zero_copy_only=False)
+        attempts = np.nan_to_num(earlier.astype(np.float64)).astype(np.int32)
+        table = table.drop_columns(["attempts"])
+    else:
+        attempts = np.zeros(table.num_rows, np.int32)
+    attempts = attempts + failed.astype(np.int32)
+    kinds = table.column("error_kind").to_pylist()
+    errors = table.column("error").to_pylist()
+    for i in np.flatnonzero(failed & (attempts >= max_attempts)):
+        if kinds[i] == TRANSIENT:
+            kinds[i] = PERMANENT
+            errors[i] = f"gave up after {attempts[i]} runs: {errors[i]}"
+    table = table.set_column(
+        table.column_names.index("error_kind"), "error_kind", pa.array(kinds, pa.string())
+    )
+    table = table.set_column(table.column_names.index("error"), "error", pa.array(errors))
+    return table.append_column("attempts", pa.array(attempts, pa.int32()))
+
+
+def labelled_rows(table: pa.Table, max_attempts: int) -> dict[str, pa.Table]:
+    """The labelling sink's route: a stage output table -> {"masks": ..., "errors": ...},
+    failed rows with their attempts counted."""
+    return split_rows(settle_errors(table, max_attempts))

@@ -15,6 +15,7 @@ import pyarrow as pa
 from ..config import AugmentConfig, DataSection
 from .augment import augment_pair
 from .images import ImageError, decode_gray, decode_image, resize_square
+from .parquet import shard_files
 from .stages import read_with_retries
 from .uris import InputError, file_stem, list_inputs, open_fs, pngs_by_stem, read_bytes_at
 
@@ -53,28 +54,75 @@ class TrainingSet:
 
     root: str  # the masks/ folder
     filesystem: object  # pyarrow filesystem over it
+    files: list[str]  # its Parquet files
     conditions: list[str]  # Ray Data filter expressions that keep exactly those rows
     rows: int  # pseudo-masks found
     kept: int  # pseudo-masks that pass the data filters
     min_quality: float | None  # the quality threshold in force (None: no quality filter)
     filter_columns: list[str]  # the columns the conditions read
+    kept_ids: pa.Array  # image_id of the kept rows
+    config_hashes: list[str]  # the labelling configs the kept rows were made by
+    rows_sha256: str  # digest of the kept rows (image_id, config_hash and filter columns)
+
+    def provenance(self, uri: str) -> dict:
+        return {
+            "uri": uri,
+            "config_hashes": self.config_hashes,
+            "rows": self.rows,
+            "kept": self.kept,
+            "rows_sha256": self.rows_sha256,
+            "min_quality": self.min_quality,
+        }
+
+
+def read_filter_columns(
+    fs, files: list[str], columns: list[str], uri: str, optional: tuple[str, ...] = ()
+) -> pa.Table:
+    """`columns` of every pseudo-mask file (`optional` ones read as nulls where a file
+    lacks them); a file that is not readable Parquet, or lacks a column, is named
+    (InputError)."""
+    import pyarrow.parquet as pq
+
+    parts = []
+    for path in files:
+        try:
+            with fs.open(path, "rb") as fh:
+                f = pq.ParquetFile(fh)
+                names = f.schema_arrow.names
+                missing = [c for c in columns if c not in names and c not in optional]
+                if missing:
+                    raise InputError(
+                        f"--pseudo-masks {uri!r} lacks a column the data filters read "
+                        f"({', '.join(missing)} in {path}); give a pseudolabel output"
+                    )
+                part = f.read(columns=[c for c in columns if c in names])
+                for c in columns:
+                    if c not in names:
+                        part = part.append_column(c, pa.nulls(part.num_rows, pa.string()))
+                parts.append(part.select(columns))
+        except (OSError, pa.ArrowInvalid) as err:
+            raise InputError(
+                f"--pseudo-masks {uri!r}: {path} is not a readable Parquet file "
+                f"({str(err).splitlines()[0][:200]}); relabel that output, or remove the file"
+            ) from None
+    return pa.concat_tables(parts, promote_options="default")
 
 
 def select_pseudo_masks(uri: str, storage_options: dict, data: DataSection) -> TrainingSet:
-    """Read only the filter columns, apply the `data` filters, fail if nothing is left."""
+    """Read only the id and filter columns, apply the `data` filters, fail if nothing is
+    left; the kept rows' digest is the training's provenance."""
+    import pyarrow.compute as pc
     import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
+
+    from .provenance import rows_digest
 
     fs, root = masks_folder(uri, storage_options)
+    files = shard_files(fs, root)
     filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     columns = ["fg_fraction"] + (["quality"] if data.filters_quality else [])
-    try:
-        table = pq.read_table(root, filesystem=filesystem, columns=columns)
-    except (KeyError, ValueError, pa.ArrowInvalid) as err:
-        raise InputError(
-            f"--pseudo-masks {uri!r} lacks a column the data filters read (they read "
-            f"{', '.join(columns)}: {str(err).splitlines()[0]}); give a pseudolabel output"
-        ) from None
+    table = read_filter_columns(
+        fs, files, ["image_id", "config_hash", *columns], uri, optional=("config_hash",)
+    )
     fg = table.column("fg_fraction").to_numpy(zero_copy_only=False)
     keep = (fg >= data.min_fg_fraction) & (fg <= data.max_fg_fraction)
     conditions = [
@@ -92,7 +140,20 @@ def select_pseudo_masks(uri: str, storage_options: dict, data: DataSection) -> T
             f"--pseudo-masks {uri!r}: no mask passes the data filters (of {len(keep)}); "
             "relax data.min_fg_fraction / max_fg_fraction / min_quality / keep_top_fraction"
         )
-    return TrainingSet(root, filesystem, conditions, len(keep), int(keep.sum()), threshold, columns)
+    kept = table.filter(pa.array(keep)).sort_by("image_id")
+    return TrainingSet(
+        root=root,
+        filesystem=filesystem,
+        files=files,
+        conditions=conditions,
+        rows=len(keep),
+        kept=int(keep.sum()),
+        min_quality=threshold,
+        filter_columns=columns,
+        kept_ids=kept.column("image_id").combine_chunks(),
+        config_hashes=sorted(pc.unique(pc.fill_null(kept.column("config_hash"), "")).to_pylist()),
+        rows_sha256=rows_digest(kept, kept.column_names),
+    )
 
 
 def read_pseudo_masks(selection: TrainingSet, keep_filter_columns: bool = False):

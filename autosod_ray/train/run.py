@@ -3,13 +3,16 @@
 pseudolabel masks/ -> Ray Data (read image, augment) -> TorchTrainer (DDP)
   -> <output>/checkpoints/  (every N steps, last k kept; resumes)
   -> <output>/model/        (model.safetensors + model.json)
-  -> <output>/train.json    (config, final metrics, timing)
+  -> <output>/train.json    (what made the model, by content, and every run's history)
+
+Training resumes only onto what it started from: the pseudo-masks (their config
+hashes and a digest of the rows kept), the backbone weights (by sha256) and the
+settings that decide the model (all but optim.max_steps, which may grow). Any
+other difference is refused, naming it, unless --overwrite.
 """
 
 from __future__ import annotations
 
-import getpass
-import json
 import math
 import os
 import posixpath
@@ -17,8 +20,9 @@ import sys
 import time
 
 from ..backbone import check_backbone, vit_geometry
-from ..config import TrainConfig
-from ..data.lease import OutputLease
+from ..config import TrainConfig, config_hash
+from ..data.provenance import weights_provenance
+from ..data.run_output import RunOutput
 from ..data.training import TrainingSet, load_pairs, read_pseudo_masks, select_pseudo_masks
 from ..data.uris import InputError, absolute, list_inputs, open_fs, pngs_by_stem
 from ..model.inference import save_model
@@ -111,7 +115,9 @@ def resolve_scaling(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update={"scaling": scaling})
 
 
-def training_data(cfg: TrainConfig, geometry: tuple[int, int], selection: TrainingSet):
+def training_data(
+    cfg: TrainConfig, geometry: tuple[int, int], selection: TrainingSet, weights_sha256
+):
     """(the Ray Dataset the workers train on, what the token cache did or None).
 
     Images: read, decoded and augmented with their masks on CPU tasks. Cached tokens
@@ -123,10 +129,10 @@ def training_data(cfg: TrainConfig, geometry: tuple[int, int], selection: Traini
 
         gpus = 1.0 if cfg.scaling.use_gpu else 0.0
         pool = (cfg.scaling.cpus_per_worker, gpus, cfg.scaling.num_workers)
-        cache = fill_token_cache(cfg, selection, image_size, pool)
+        cache, pairs = fill_token_cache(cfg, selection, image_size, weights_sha256, pool)
         opts = cfg.storage.options(cache["location"])
         grid = (image_size // patch, image_size // patch)
-        return read_token_cache(cache["location"], opts, selection, grid), cache
+        return read_token_cache(cache["location"], opts, pairs, grid), cache
     ds = read_pseudo_masks(selection).map_batches(
         load_pairs,
         batch_size=cfg.augment.batch_size,
@@ -167,7 +173,9 @@ def build_trainer(cfg: TrainConfig, ds):
     )
 
 
-def export_model(cfg: TrainConfig, checkpoint, geometry: tuple[int, int], metrics: dict) -> dict:
+def export_model(
+    cfg: TrainConfig, checkpoint, geometry: tuple[int, int], metrics: dict, provenance: dict
+) -> dict:
     """The last checkpoint's weights -> <output>/model/ (safetensors + model.json)."""
     import torch
 
@@ -180,70 +188,95 @@ def export_model(cfg: TrainConfig, checkpoint, geometry: tuple[int, int], metric
         "patch_size": geometry[1],
         "steps": state["step"],
         "trained_on": cfg.pseudo_masks,
+        "provenance": provenance,
         "final_metrics": metrics,
     }
     uri = posixpath.join(cfg.output, "model")
     return save_model(uri, state["model"], meta, cfg.storage.options(cfg.output))
 
 
-# what decides the model a run trains (not where or on what it runs)
-MODEL_SECTIONS = ("backbone", "model", "optim", "data", "augment", "seed")
+def training_identity(cfg: TrainConfig, selection: TrainingSet, weights: dict) -> dict:
+    """What decides the model a run trains, by content (not where or on what it runs; not
+    optim.max_steps, which a resume may raise): the settings, hashed, and the provenance."""
+    settings = {
+        "backbone": cfg.backbone.model_dump(mode="json", exclude={"device", "weights"}),
+        "weights_sha256": weights["sha256"],
+        "model": cfg.model.model_dump(mode="json"),
+        "optim": cfg.optim.model_dump(mode="json", exclude={"max_steps"}),
+        "data": cfg.data.model_dump(mode="json", exclude={"token_cache"}),
+        "augment": cfg.augment.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "pseudo_masks": {
+            "config_hashes": selection.config_hashes,
+            "rows_sha256": selection.rows_sha256,
+        },
+    }
+    return {
+        "config_hash": config_hash(settings),
+        "settings": settings,
+        "config": cfg.model_dump(mode="json"),
+        "provenance": {
+            "backbone": weights,
+            "pseudo_masks": selection.provenance(cfg.pseudo_masks),
+        },
+    }
 
 
-def finished_run(cfg: TrainConfig) -> dict | None:
-    """The summary of a complete run in this output that already reached optim.max_steps."""
-    fs, root = open_fs(cfg.output, cfg.storage.options(cfg.output))
-    path = posixpath.join(root, "train.json")
-    if not fs.exists(path):
-        return None
-    previous = json.loads(fs.cat_file(path))
-    if previous.get("status") != "complete" or previous.get("steps", 0) < cfg.optim.max_steps:
-        return None
-    return previous
+# what --overwrite replaces in a train output (the token cache is keyed by content: it stays)
+TRAINING_FILES = [RUN_NAME, "model", "train.json"]
 
 
 def run_train(cfg: TrainConfig) -> dict:
     """Train (or resume) and export the model; returns the summary (also train.json).
 
-    The run holds the output's lease. A rerun of a training that already reached
-    optim.max_steps does nothing and says so (raise max_steps to train on).
+    Checked before anything is written: the inputs, and that the output holds nothing
+    or a training of the same pseudo-masks, weights and settings. The run holds the
+    output's lease. A rerun of a training that already reached optim.max_steps does
+    nothing and says so (raise max_steps to train on).
     """
     cfg = with_absolute_paths(cfg)
     geometry, selection = check_train_inputs(cfg)
-    opts = cfg.storage.options(cfg.output)
-    with OutputLease(cfg.output, opts, f"train by {getpass.getuser()}", cfg.force_unlock):
-        previous = finished_run(cfg)
-        if previous is not None:
-            now = cfg.model_dump(mode="json", include=set(MODEL_SECTIONS))
-            then = {k: previous.get("config", {}).get(k) for k in MODEL_SECTIONS}
-            return {
-                **previous,
-                "status": "already complete",
-                "note": f"{cfg.output} already holds a model trained for {previous['steps']} "
-                "steps (train.json); nothing to do. Raise optim.max_steps to train on"
-                + ("" if now == then else ", or give a new --output for a different config"),
-            }
-        return _train(cfg, geometry, selection)
+    opts = cfg.storage.options(cfg.backbone.weights or "")
+    weights = weights_provenance(cfg.backbone.weights, cfg.backbone.name, opts)
+    identity = training_identity(cfg, selection, weights)
+    out = RunOutput(cfg.output, cfg.storage.options(cfg.output), "train", "train.json")
+    out.refuse_mixing(identity, cfg.overwrite, "a training", clear=TRAINING_FILES)
+    out.check_writable()
+    previous = out.read_record() or {}
+    entry = {"scaling": cfg.scaling.model_dump(mode="json"), "max_steps": cfg.optim.max_steps}
+    with out.run(cfg.force_unlock, identity, entry) as run:
+        if (
+            not out.clear_on_start
+            and previous.get("status") == "complete"
+            and previous.get("steps", 0) >= cfg.optim.max_steps
+        ):
+            note = (
+                f"{cfg.output} already holds a model trained for {previous['steps']} steps "
+                "(train.json); nothing to do. Raise optim.max_steps to train on"
+            )
+            return {**run.finish("complete", {}, note=note, outcome="already complete"),
+                    "status": "already complete", "note": note}  # fmt: skip
+        return _train(cfg, geometry, selection, weights, run)
 
 
-def _train(cfg: TrainConfig, geometry: tuple[int, int], selection: TrainingSet) -> dict:
+def _train(
+    cfg: TrainConfig, geometry: tuple[int, int], selection: TrainingSet, weights: dict, run
+) -> dict:
     import ray
 
     ray.init(ignore_reinit_error=True)
     cfg = resolve_scaling(cfg)
     start = time.perf_counter()
-    ds, cache = training_data(cfg, geometry, selection)
+    ds, cache = training_data(cfg, geometry, selection, weights["sha256"])
     result = build_trainer(cfg, ds).fit()
     seconds = time.perf_counter() - start
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint; see the worker logs above")
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-    meta = export_model(cfg, result.checkpoint, geometry, metrics)
-    summary = {
-        "status": "complete",
+    meta = export_model(cfg, result.checkpoint, geometry, metrics, run.record["provenance"])
+    totals = {
         "steps": meta["steps"],
         "metrics": metrics,
-        "seconds": round(seconds, 3),
         "pseudo_masks": {
             "rows": selection.rows,
             "kept": selection.kept,
@@ -252,11 +285,9 @@ def _train(cfg: TrainConfig, geometry: tuple[int, int], selection: TrainingSet) 
         "token_cache": cache,
         "model": posixpath.join(cfg.output, "model"),
         "checkpoints": posixpath.join(cfg.output, RUN_NAME),
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json"),  # the model's: the last run's schedule
     }
-    fs, root = open_fs(cfg.output, cfg.storage.options(cfg.output))
-    fs.pipe_file(posixpath.join(root, "train.json"), json.dumps(summary, indent=2).encode())
-    return summary
+    return run.finish("complete", totals, seconds=round(seconds, 3))
 
 
 def print_train_summary(summary: dict, file=sys.stdout) -> None:

@@ -1,26 +1,30 @@
 """A frozen encoder's tokens, computed once per image and view, so training runs only
 the decoder (`data.cache_tokens`, with `optim.freeze_encoder`).
 
-    kept pseudo-masks -> read image -> decode, resize -> encoder actor (each image as
-    is and mirrored) -> <cache>/<key>/part-*.parquet
+    kept pseudo-masks -> read image (its sha256) -> not cached? -> decode, resize
+      -> encoder actor (each image as is and mirrored) -> <cache>/<encoder key>/part-*.parquet
+    training: cached tokens of the kept images + targets from their pseudo-masks
 
-One row per image and view: `tokens` (the encoder's patch tokens, float16,
-N x D), `target` (the pseudo-mask area-resized to the mask logits' grid,
-2h x 2w, float16, mirrored with its view), and the filter columns of the
-pseudo-mask (`fg_fraction`, `quality`) so the same `data` filters select the
-same rows. The cache lives in the output (or `data.token_cache`), keyed by
-what decides its rows (encoder weights, input size, views, pseudo-masks); a
-rerun adds only the images it lacks. A frozen encoder costs more than the
-whole decoder's forward and backward pass at 448 px, so this is most of the
-training time saved.
+Keyed by content, and apart: tokens depend on the image and the encoder, targets
+on the pseudo-masks. The folder key hashes the encoder (its weights by sha256,
+its input size, the views), never a path; a row is keyed by the sha256 of the
+image bytes it encoded. Targets are not cached: each run pairs the tokens with
+its own pseudo-masks (matched by image digest), so a relabel or a self-training
+round reuses every token whose image is unchanged, and an image replaced since
+its pseudo-mask was made is left out (its mask is of another picture). One row
+per image and view: `image_sha256`, `view`, `tokens` (the encoder's patch
+tokens, float16, N x D). A frozen encoder costs more than the whole decoder's
+forward and backward pass at 448 px, so this is most of the training time saved.
 """
 
 from __future__ import annotations
 
+import functools
 import posixpath
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..config import TrainConfig, config_hash
 from ..data.images import decode_gray
@@ -29,25 +33,29 @@ from ..data.stages import decode, read_bytes
 from ..data.training import TrainingSet, read_pseudo_masks
 
 VIEWS = 2  # 0: the image as is, 1: mirrored left-right
+FORMAT = 2  # rows keyed by image digest, tokens only
 TOKEN_SCHEMA = pa.schema(
     [
-        ("image_id", pa.string()),
+        ("image_sha256", pa.string()),  # of the image bytes encoded
         ("view", pa.int8()),
         ("tokens", pa.binary()),  # float16, N x D, row-major
-        ("target", pa.binary()),  # float16, 2h x 2w, the pseudo-mask at the mask logits' grid
-        ("fg_fraction", pa.float32()),
-        ("quality", pa.float32()),
     ]
 )
 
 
-def cache_location(cfg: TrainConfig, image_size: int) -> str:
-    """<token cache root>/<key>: the key hashes what decides the cached rows (the encoder
-    and its input size, the views, the pseudo-masks), not where or how it runs."""
+def cache_location(cfg: TrainConfig, image_size: int, weights_sha256: str | None) -> str:
+    """<token cache root>/<key>: the key hashes what decides a cached row besides its
+    image (the encoder by its weights' content and its input size, the views, the row
+    format), not where the weights or the images are, nor how it runs."""
     root = cfg.data.token_cache or posixpath.join(cfg.output, "token_cache")
-    backbone = cfg.backbone.model_copy(update={"device": "auto", "image_size": image_size})
+    backbone = cfg.backbone.model_dump(mode="json", exclude={"device", "weights"})
     key = config_hash(
-        {"backbone": backbone, "views": VIEWS, "pseudo_masks": cfg.pseudo_masks.rstrip("/")}
+        {
+            "backbone": {**backbone, "image_size": image_size},
+            "weights_sha256": weights_sha256,
+            "views": VIEWS,
+            "format": FORMAT,
+        }
     )
     return posixpath.join(root, key)
 
@@ -87,22 +95,14 @@ class EncoderStage:
         if not ok.any():
             return {k: np.array(v, dtype=object) for k, v in rows.items()}
         images = torch.as_tensor(np.ascontiguousarray(batch["image"][ok])).to(self.device)
-        s = images.shape[1] // self.model.patch_size
-        grid = (s, images.shape[2] // self.model.patch_size)
         with torch.inference_mode(), torch.autocast("cuda", enabled=self.bf16):
             views = [self.model.encode(images), self.model.encode(images.flip(2))]
         for v, tokens in enumerate(views):
             tokens = tokens.float().cpu().numpy().astype(np.float16)
             for j, i in enumerate(np.flatnonzero(ok)):
-                target = area_target(batch["mask_png"][i], grid)
-                if v == 1:
-                    target = target[:, ::-1]
-                rows["image_id"].append(batch["image_id"][i])
+                rows["image_sha256"].append(batch["image_sha256"][i])
                 rows["view"].append(v)
                 rows["tokens"].append(tokens[j].tobytes())
-                rows["target"].append(np.ascontiguousarray(target, np.float16).tobytes())
-                rows["fg_fraction"].append(batch["fg_fraction"][i])
-                rows["quality"].append(batch["quality"][i])
         return {k: np.array(v, dtype=object) for k, v in rows.items()}
 
 
@@ -110,57 +110,139 @@ def _as_cache_rows(table: pa.Table) -> dict[str, pa.Table]:
     return {"": table.select(TOKEN_SCHEMA.names).cast(TOKEN_SCHEMA)}
 
 
-def _not_cached(batch: dict[str, np.ndarray], cached) -> dict[str, np.ndarray]:
-    import pyarrow.compute as pc
-
-    keep = ~pc.is_in(pa.array(batch["image_id"]), value_set=cached).to_numpy(zero_copy_only=False)
+def _only(batch: dict[str, np.ndarray], ids: pa.Array, column: str) -> dict[str, np.ndarray]:
+    """The rows of `batch` whose `column` is in `ids`."""
+    keep = pc.is_in(pa.array(batch[column], pa.string()), value_set=ids)
+    keep = keep.to_numpy(zero_copy_only=False)
     return {k: v[keep] for k, v in batch.items()}
 
 
-def fill_token_cache(cfg: TrainConfig, selection: TrainingSet, image_size: int, pool) -> dict:
-    """Encode the image of every kept pseudo-mask not yet cached; returns what the cache
-    holds. `pool`: (num_cpus, num_gpus, most actors) of the encoder stage."""
-    from ray.data import ActorPoolStrategy
+def _digest_only(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"image_id": batch["image_id"], "image_sha256": batch["image_sha256"]}
 
-    location = cache_location(cfg, image_size)
-    opts = cfg.storage.options(location)
-    cached = read_table_folder(location, opts, ["image_id"]).column("image_id")
-    cached = cached.combine_chunks().cast(pa.string())
-    num_cpus, num_gpus, size = pool
-    step = 8
-    ds = read_pseudo_masks(selection, keep_filter_columns=True)
-    if "quality" not in selection.filter_columns:
-        ds = ds.add_column("quality", lambda b: np.full(len(b["image_id"]), np.nan, np.float32))
-    ds = ds.map_batches(
-        _not_cached, batch_size=256, batch_format="numpy", fn_kwargs={"cached": cached}
-    )
-    ds = ds.map_batches(
-        read_bytes, batch_size=step, batch_format="numpy",
+
+def image_digests(cfg: TrainConfig, selection: TrainingSet) -> pa.Table:
+    """(image_id, image_sha256) of every kept pseudo-mask's image as it is now (read in
+    Ray tasks; an image that cannot be read gets "")."""
+    ds = read_pseudo_masks(selection).map_batches(
+        read_bytes, batch_size=16, batch_format="numpy",
         fn_kwargs={"storage_options": cfg.storage.options(cfg.pseudo_masks)},
     )  # fmt: skip
-    ds = ds.map_batches(
-        decode, batch_size=step, batch_format="numpy",
-        fn_kwargs={"image_size": image_size, "max_pixels": cfg.max_pixels, "min_side": 1},
-    )  # fmt: skip
-    ds = ds.map_batches(
-        EncoderStage,
-        batch_size=step,
-        batch_format="numpy",
-        fn_constructor_args=(cfg.model_dump(mode="json"),),
-        compute=ActorPoolStrategy(min_size=1, max_size=size),
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-    )
-    ds.write_datasink(ShardDatasink(location, opts, 256, _as_cache_rows))
-    ids = read_table_folder(location, opts, ["image_id"]).column("image_id")
-    return {"location": location, "rows": len(ids), "images": len(ids.unique()),
-            "encoded": len(ids) - len(cached)}  # fmt: skip
+    rows = ds.map_batches(_digest_only, batch_format="numpy").take_all()
+    schema = pa.schema([("image_id", pa.string()), ("image_sha256", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
-def read_token_cache(location: str, storage_options: dict, selection: TrainingSet, grid):
-    """The cached (tokens, target) rows the selection keeps, decoded for the trainer:
+def training_pairs(selection: TrainingSet, digests: pa.Table) -> tuple[pa.Table, dict]:
+    """The kept pseudo-masks keyed by their image's digest now: (image_sha256, mask_png),
+    one row per distinct image; and what was left out (unreadable images, and images
+    replaced since their pseudo-mask was made, when the masks record their digest)."""
+    import pyarrow.parquet as pq
+
+    columns = ["image_id", "mask_png"]
+    have = pq.read_schema(selection.filesystem.open_input_file(selection.files[0])).names
+    columns += ["image_sha256"] if "image_sha256" in have else []
+    masks = pq.read_table(selection.root, filesystem=selection.filesystem, columns=columns)
+    masks = masks.filter(pc.is_in(masks.column("image_id"), value_set=selection.kept_ids))
+    where = pc.index_in(masks.column("image_id"), value_set=digests.column("image_id"))
+    now = pc.fill_null(pc.take(digests.column("image_sha256"), where), "")
+    readable = pc.not_equal(now, "")
+    same = readable
+    if "image_sha256" in columns:  # null: a mask made before digests were recorded
+        then = masks.column("image_sha256")
+        same = pc.and_(readable, pc.or_(pc.is_null(then), pc.equal(then, now)))
+    pairs = pa.table({"image_sha256": now, "mask_png": masks.column("mask_png")}).filter(same)
+    first = pc.index_in(pairs.column("image_sha256"), value_set=pairs.column("image_sha256"))
+    pairs = pairs.filter(pc.equal(first, pa.array(np.arange(pairs.num_rows), pa.int32())))
+    left_out = {
+        "unreadable": int(pc.sum(pc.invert(readable)).as_py() or 0),
+        "image_changed": int(pc.sum(pc.and_(readable, pc.invert(same))).as_py() or 0),
+    }
+    return pairs, left_out
+
+
+def fill_token_cache(
+    cfg: TrainConfig, selection: TrainingSet, image_size: int, weights_sha256: str | None, pool
+) -> tuple[dict, pa.Table]:
+    """Encode every kept image not yet cached (by its digest); returns what the cache holds
+    for this training, and the (image_sha256, mask_png) pairs it trains on. `pool`:
+    (num_cpus, num_gpus, most actors) of the encoder stage."""
+    from ray.data import ActorPoolStrategy
+
+    location = cache_location(cfg, image_size, weights_sha256)
+    opts = cfg.storage.options(location)
+    cached = read_table_folder(location, opts, ["image_sha256"]).column("image_sha256")
+    cached = cached.combine_chunks().cast(pa.string())
+    digests = image_digests(cfg, selection)  # each kept image read once, as it is now
+    pairs, left_out = training_pairs(selection, digests)
+    new = pc.invert(pc.is_in(digests.column("image_sha256"), value_set=cached))
+    todo = digests.filter(pc.and_(new, pc.not_equal(digests.column("image_sha256"), "")))
+    if todo.num_rows:  # a cached rerun starts no encoder
+        num_cpus, num_gpus, size = pool
+        step = 8
+        ds = read_pseudo_masks(selection).map_batches(
+            _only, batch_size=256, batch_format="numpy",
+            fn_kwargs={"ids": todo.column("image_id").combine_chunks(), "column": "image_id"},
+        )  # fmt: skip
+        ds = ds.map_batches(
+            read_bytes, batch_size=step, batch_format="numpy",
+            fn_kwargs={"storage_options": cfg.storage.options(cfg.pseudo_masks)},
+        )  # fmt: skip
+        ds = ds.map_batches(
+            decode, batch_size=step, batch_format="numpy",
+            fn_kwargs={"image_size": image_size, "max_pixels": cfg.max_pixels, "min_side": 1},
+        )  # fmt: skip
+        ds = ds.map_batches(
+            EncoderStage,
+            batch_size=step,
+            batch_format="numpy",
+            fn_constructor_args=(cfg.model_dump(mode="json"),),
+            compute=ActorPoolStrategy(min_size=1, max_size=size),
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+        )
+        ds.write_datasink(ShardDatasink(location, opts, 256, _as_cache_rows, key="image_sha256"))
+    keys = read_table_folder(location, opts, ["image_sha256"]).column("image_sha256")
+    mine = pc.is_in(keys, value_set=pairs.column("image_sha256"))
+    rows = int(pc.sum(mine).as_py() or 0)
+    summary = {
+        "location": location,
+        "images": pairs.num_rows,
+        "rows": rows,
+        "encoded": len(keys) - len(cached),
+        "reused": rows - (len(keys) - len(cached)),
+        "left_out": left_out,
+    }
+    return summary, pairs
+
+
+def token_width(location: str, storage_options: dict, grid) -> int:
+    """D of the cached tokens (N x D float16), from the first row of the first file."""
+    import pyarrow.parquet as pq
+
+    from ..data.parquet import shard_files
+    from ..data.uris import open_fs
+
+    fs, root = open_fs(location, storage_options)
+    with fs.open(shard_files(fs, root)[0], "rb") as fh:
+        first = pq.ParquetFile(fh).read_row_group(0, columns=["tokens"]).column(0)[0]
+    return len(first.as_py()) // 2 // (grid[0] * grid[1])
+
+
+@functools.lru_cache(maxsize=2)
+def _pairs_by_digest(ref) -> dict[str, bytes]:
+    """image_sha256 -> mask PNG of a training's pairs, built once per worker process."""
+    import ray
+
+    pairs = ray.get(ref)
+    return dict(zip(*pairs.select(["image_sha256", "mask_png"]).to_pydict().values(), strict=True))
+
+
+def read_token_cache(location: str, storage_options: dict, pairs: pa.Table, grid):
+    """The cached tokens of the training images with their targets:
     {"tokens": B x N x D float16, "target": B x 2h x 2w float16} (half the bytes to move;
-    the trainer's batches widen them to float32)."""
+    the trainer's batches widen them to float32). `pairs` (image_sha256, mask_png) go to
+    the tasks once, through the object store."""
     import pyarrow.fs as pafs
     import ray
 
@@ -170,15 +252,24 @@ def read_token_cache(location: str, storage_options: dict, selection: TrainingSe
     ds = ray.data.read_parquet(
         root,
         filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
-        columns=["tokens", "target", "fg_fraction", "quality"],
+        columns=["image_sha256", "view", "tokens"],
         file_extensions=["parquet"],
     )
-    ds = ds.filter(expr=" and ".join(selection.conditions)).select_columns(["tokens", "target"])
-    n, shape = grid[0] * grid[1], (2 * grid[0], 2 * grid[1])
+    n, dim = grid[0] * grid[1], token_width(location, storage_options, grid)
+    ref = ray.put(pairs)
 
     def unpack(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tokens = np.stack([np.frombuffer(t, np.float16).reshape(n, -1) for t in batch["tokens"]])
-        target = np.stack([np.frombuffer(t, np.float16).reshape(shape) for t in batch["target"]])
-        return {"tokens": tokens, "target": target}  # float16: the trainer widens them
+        masks = _pairs_by_digest(ref)
+        tokens, target = [], []
+        for t, v, key in zip(batch["tokens"], batch["view"], batch["image_sha256"], strict=True):
+            if key not in masks:
+                continue  # tokens of an image this training does not use
+            mask = area_target(masks[key], grid)
+            target.append(mask[:, ::-1] if v == 1 else mask)
+            tokens.append(np.frombuffer(t, np.float16).reshape(n, -1))
+        if not tokens:
+            return {"tokens": np.zeros((0, n, dim), np.float16),
+                    "target": np.zeros((0, 2 * grid[0], 2 * grid[1]), np.float16)}  # fmt: skip
+        return {"tokens": np.stack(tokens), "target": np.stack(target).astype(np.float16)}
 
     return ds.map_batches(unpack, batch_format="numpy")
