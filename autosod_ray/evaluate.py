@@ -19,6 +19,7 @@ from PIL import Image
 
 from .config import EvaluateConfig
 from .data.images import decode_gray
+from .data.progress import ProgressPrinter
 from .data.uris import (
     InputError,
     file_stem,
@@ -119,6 +120,19 @@ def score_pairs(batch: dict[str, np.ndarray], storage_options: dict) -> dict[str
     }
 
 
+def _gather(batch: dict, means: MetricMeans, per_image: list, unreadable: list) -> None:
+    """One batch of scored pairs into the running means and the per-image rows."""
+    for i, image_id in enumerate(batch["image_id"]):
+        if batch["error"][i]:
+            unreadable.append({"image_id": str(image_id), "error": batch["error"][i]})
+            continue
+        row = {k: float(batch[k][i]) for k in PER_IMAGE}
+        means.add({**row, "F_curve": batch["F_curve"][i], "E_curve": batch["E_curve"][i]})
+        quality = batch["quality"][i]
+        quality = float("nan") if quality is None else float(quality)
+        per_image.append({"image_id": str(image_id), **row, "quality": quality})
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Score every matched pair; write metrics.json and per-image Parquet next to it."""
     import ray
@@ -150,17 +164,12 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             batch_format="numpy",
             fn_kwargs={"storage_options": opts},
         )
-        for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-            for i, image_id in enumerate(batch["image_id"]):
-                if batch["error"][i]:
-                    unreadable.append({"image_id": str(image_id), "error": batch["error"][i]})
-                    continue
-                resized += int(batch["resized"][i])
-                row = {k: float(batch[k][i]) for k in PER_IMAGE}
-                means.add({**row, "F_curve": batch["F_curve"][i], "E_curve": batch["E_curve"][i]})
-                quality = batch["quality"][i]
-                quality = float("nan") if quality is None else float(quality)
-                per_image.append({"image_id": str(image_id), **row, "quality": quality})
+        with ProgressPrinter(
+            "evaluate", pairs.num_rows, lambda: (len(per_image) + len(unreadable), len(unreadable))
+        ):
+            for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
+                _gather(batch, means, per_image, unreadable)
+                resized += int(np.sum(batch["resized"][batch["error"] == ""]))
     ranking = quality_ranking(
         np.array([r["quality"] for r in per_image]), np.array([r["IoU"] for r in per_image])
     )

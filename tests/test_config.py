@@ -3,9 +3,11 @@ import pytest
 from autosod_ray.config import (
     ConfigError,
     EvaluateConfig,
+    ExportConfig,
     PredictConfig,
     PreviewConfig,
     PseudolabelConfig,
+    ReportConfig,
     TrainConfig,
     config_hash,
     load_config,
@@ -27,6 +29,8 @@ SHIPPED = {
     "predict-cpu": PredictConfig,
     "evaluate": EvaluateConfig,
     "preview": PreviewConfig,
+    "report": ReportConfig,
+    "export": ExportConfig,
 }
 
 

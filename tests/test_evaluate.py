@@ -49,6 +49,7 @@ def test_png_folder_equals_published_values_and_single_process(fixtures, tmp_pat
         str(tmp_path / "m" / "metrics.json"),
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "evaluate  3/3 images  100.0%" in res.stderr  # progress, in images
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
     ref = json.loads((fixtures / "version_performance.json").read_text())["v1_4_3"]
     for ours, theirs in PYSOD_REFERENCE_NAMES.items():

@@ -7,12 +7,13 @@ from autosod_ray.data.progress import ProgressPrinter, duration, progress_bar, p
 
 
 def test_a_progress_line_says_done_of_total_rate_eta_and_errors():
-    line = progress_line("pseudolabel", 120, 1000, 3, 60.0)
+    line = progress_line("pseudolabel", 120, 1000, 60.0, errors=3)
     assert line == "pseudolabel  120/1000 images  12.0%  2.00 images/s  ETA 7m20s  3 errors"
-    assert "ETA -" in progress_line("predict", 0, 10, 0, 5.0)  # no rate yet: no guess
-    assert "ETA -" in progress_line("predict", 10, 10, 0, 5.0) and "100.0%" in (
-        progress_line("predict", 10, 10, 0, 5.0)
-    )
+    assert "ETA -" in progress_line("predict", 0, 10, 5.0)  # no rate yet: no guess
+    done = progress_line("predict", 10, 10, 5.0, errors=0)
+    assert "ETA -" in done and "100.0%" in done
+    resumed = progress_line("train", 300, 500, 100.0, unit="steps", since=200, extra="  loss 1")
+    assert resumed == "train  300/500 steps  60.0%  1.00 steps/s  ETA 3m20s  loss 1"
     assert [duration(s) for s in (7.4, 125, 3725)] == ["7s", "2m05s", "1h02m"]
     assert progress_bar("x", 5, 10, width=10) == "[#####.....] x"
 

@@ -107,6 +107,7 @@ def test_train_two_workers_validate_resume_then_predict(
     res = run_script("jobs/train.py", more, env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "resumed from step 6" in res.stdout + res.stderr
+    assert "train  8/8 steps  100.0%" in res.stdout + res.stderr  # progress, in steps
     assert json.loads((out / "train.json").read_text())["steps"] == 8
 
     # predict: every photo gets a mask at its own size; a corrupt file an errors row

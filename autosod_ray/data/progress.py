@@ -37,15 +37,17 @@ def duration(seconds: float) -> str:
     return f"{s}s"
 
 
-def progress_line(job: str, done: int, total: int, errors: int, seconds: float) -> str:
-    """'pseudolabel  120/1000 images  12.0%  2.31 images/s  ETA 6m21s  3 errors'."""
-    rate = done / seconds if seconds > 0 else 0.0
+def progress_line(
+    job: str, done: int, total: int, seconds: float, errors: int | None = None,
+    unit: str = "images", since: int = 0, extra: str = "",
+) -> str:  # fmt: skip
+    """'pseudolabel  120/1000 images  12.0%  2.31 images/s  ETA 6m21s  3 errors': `done`
+    of `total`, the rate of the `done - since` made in `seconds`, and what is left at it."""
+    rate = (done - since) / seconds if seconds > 0 else 0.0
     eta = duration((total - done) / rate) if rate > 0 and done < total else "-"
     share = 100.0 * done / total if total else 100.0
-    return (
-        f"{job}  {done}/{total} images  {share:.1f}%  {rate:.2f} images/s  ETA {eta}  "
-        f"{errors} errors"
-    )
+    line = f"{job}  {done}/{total} {unit}  {share:.1f}%  {rate:.2f} {unit}/s  ETA {eta}"
+    return line + (f"  {errors} errors" if errors is not None else "") + extra
 
 
 def progress_bar(line: str, done: int, total: int, width: int = 24) -> str:
@@ -71,8 +73,8 @@ class ProgressPrinter:
             done, errors = self.read()
         except Exception:  # noqa: BLE001 - progress is a courtesy, never a failure
             return
-        line = progress_line(self.job, done, self.total, errors,
-                             time.perf_counter() - self._start)  # fmt: skip
+        line = progress_line(self.job, done, self.total, time.perf_counter() - self._start,
+                             errors)  # fmt: skip
         if self.live:
             self.stream.write("\r" + progress_bar(line, done, self.total) + "\x1b[K")
         else:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..config import OptimConfig, TrainConfig
+from ..data.progress import progress_line
 from ..data.training import load_validation_set
 from ..metrics import MetricMeans
 from ..model import autosod_loss, build_autosod
@@ -179,6 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     window, images_seen, tick = [], 0, time.perf_counter()
+    first_step, started = step, time.perf_counter()
     while step < cfg.optim.max_steps:
         batches = shard.iter_torch_batches(
             batch_size=cfg.optim.batch_size,
@@ -216,6 +218,11 @@ def train_loop_per_worker(config: dict) -> None:
                     shown = {
                         k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()
                     }
+                    seconds = time.perf_counter() - started
+                    loss = f"  loss {report['loss']:.4f}"
+                    line = progress_line("train", step, cfg.optim.max_steps, seconds,
+                                         unit="steps", since=first_step, extra=loss)  # fmt: skip
+                    print(line)
                     print(f"train: {shown}")
             if last:
                 break
