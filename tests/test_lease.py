@@ -58,9 +58,11 @@ RACER = """
 import sys, time
 from autosod_ray.data import lease
 from autosod_ray.data.lease import LeaseError, OutputLease
-output, start_at, opts = sys.argv[1], float(sys.argv[2]), eval(sys.argv[3])
+output, opts = sys.argv[1], eval(sys.argv[2])
 lease.HEARTBEAT_S = 0.2
 held = OutputLease(output, opts, "racer", on_lost=lambda: None)
+print("READY", flush=True)
+start_at = float(sys.stdin.readline())
 time.sleep(max(0.0, start_at - time.time()))
 try:
     held.acquire()
@@ -75,12 +77,17 @@ held.release()
 
 def race(output: str, opts: dict, env: dict | None = None) -> list[str]:
     """Two processes take the lease of `output` at the same instant: what each said."""
-    start_at = time.time() + 3.0  # both interpreters are up by then
     procs = [
-        subprocess.Popen([sys.executable, "-c", RACER, output, str(start_at), repr(opts)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        subprocess.Popen([sys.executable, "-c", RACER, output, repr(opts)], env=env, text=True,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for _ in range(2)
     ]  # fmt: skip
+    for p in procs:  # both are up, a lease object in hand
+        assert p.stdout.readline().strip() == "READY"
+    start_at = f"{time.time() + 0.5}\n"
+    for p in procs:
+        p.stdin.write(start_at)
+        p.stdin.flush()
     return [p.communicate(timeout=60)[0] for p in procs]
 
 
