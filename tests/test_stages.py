@@ -9,7 +9,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
 from autosod_ray.data import stages
-from autosod_ray.data.stages import PERMANENT, TRANSIENT, ModelStage, decode, read_bytes
+from autosod_ray.data.stages import INTERNAL, PERMANENT, TRANSIENT, ModelStage, decode, read_bytes
 
 
 class FlakyFS(MemoryFileSystem):
@@ -91,7 +91,8 @@ def test_a_batch_too_big_is_split_and_only_the_bad_image_fails():
     out = ModelStage(lambda: model)(batch)
     assert list(out["error"][:5]) == [""] * 5 and out["error"][6] == "corrupt"
     assert "labelling failed: ValueError: NaN" in out["error"][5]
-    assert out["error_kind"][5] == TRANSIENT and out["error_kind"][6] == PERMANENT
+    # a model exception on a valid image is ours (a bug): internal, not the input's fault
+    assert out["error_kind"][5] == INTERNAL and out["error_kind"][6] == PERMANENT
     assert out["saliency"].shape == (n, 2, 2) and np.allclose(out["saliency"][:5, 0], 100 / 255)
     assert np.allclose(out["quality"][:5], 0.5) and np.isnan(out["quality"][5:]).all()
     assert model.calls[0] == 6 and max(model.calls[1:]) <= 3  # split, never re-sent whole
