@@ -271,20 +271,20 @@ def test_s3_in_and_out_equals_local(predictions, s3, tmp_path):
 
     run, masks = predictions
     fs = s3fs.S3FileSystem(endpoint_url=s3["endpoint"], key="testing", secret="testing")
-    fs.mkdir("data")
-    write_predictions(fs, "data/run", masks)
+    fs.mkdir("exports")
+    write_predictions(fs, "exports/run", masks)
     storage = StorageConfig(endpoint_url=s3["endpoint"])
     local = export(run, tmp_path / "local.json")
-    remote = export("s3://data/run", "s3://data/out/coco.json", storage=storage)
-    assert remote == {**local, "output": "s3://data/out/coco.json"}
-    got = json.loads(fs.cat_file("data/out/coco.json"))
+    remote = export("s3://exports/run", "s3://exports/out/coco.json", storage=storage)
+    assert remote == {**local, "output": "s3://exports/out/coco.json"}
+    got = json.loads(fs.cat_file("exports/out/coco.json"))
     want = json.loads((tmp_path / "local.json").read_text())
     assert got["annotations"] == want["annotations"] and len(got["images"]) == 4
-    export("s3://data/run", "s3://data/out/png", format="png", storage=storage)
-    assert sorted(fs.ls("data/out/png")) == [
-        f"data/out/png/{s}.png" for s in ("empty", "one", "tiny", "two")
+    export("s3://exports/run", "s3://exports/out/png", format="png", storage=storage)
+    assert sorted(fs.ls("exports/out/png")) == [
+        f"exports/out/png/{s}.png" for s in ("empty", "one", "tiny", "two")
     ]
-    two = decode_gray(fs.cat_file("data/out/png/two.png"))
+    two = decode_gray(fs.cat_file("exports/out/png/two.png"))
     np.testing.assert_array_equal(two, masks["a/two.jpg"][0].astype(np.uint8) * 255)
 
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import UserError
-from .uris import open_fs
+from .uris import open_fs, write_atomic
 
 LEASE = "_lease.json"
 HEARTBEAT_S = 10.0
@@ -110,7 +110,7 @@ class OutputLease:
             return None
 
     def _write(self, record: LeaseRecord) -> None:
-        self.fs.pipe_file(self.path, json.dumps(record.__dict__).encode())
+        write_atomic(self.fs, self.path, json.dumps(record.__dict__).encode())
 
     def _live(self, other: LeaseRecord, now: float) -> bool:
         stale = now - other.heartbeat > STALE_S

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import posixpath
-import uuid
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
-from .uris import open_fs
+from .uris import open_fs, write_atomic
 
 MASK_SCHEMA = pa.schema(
     [
@@ -77,12 +76,7 @@ def write_table_atomic(fs, directory: str, table: pa.Table, key: str = "image_id
     final = posixpath.join(directory, shard_name(table.column(key).to_pylist()))
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    if getattr(fs, "protocol", None) in ("file", ("file", "local"), "local"):
-        tmp = posixpath.join(directory, f"_tmp-{uuid.uuid4().hex}.parquet")
-        fs.pipe_file(tmp, buf.getvalue())
-        fs.mv(tmp, final)  # rename: atomic on one filesystem
-    else:
-        fs.pipe_file(final, buf.getvalue())  # object stores publish a PUT whole
+    write_atomic(fs, final, buf.getvalue())
     return final
 
 

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from ..config import UserError, redact_text
 from ..endings import Ending, LeaseLost, RunFailed, chain, ending_of, terminated
 from .lease import OutputLease
-from .uris import open_fs
+from .uris import open_fs, write_atomic
 
 
 class OutputError(UserError, ValueError):
@@ -173,7 +173,7 @@ class RunOutput:
 
     def write_record(self) -> None:
         body = json.dumps(redacted(self.record), indent=2, default=str).encode()
-        self.fs.pipe_file(self.path(self.record_name), body)
+        write_atomic(self.fs, self.path(self.record_name), body)
 
     @contextmanager
     def run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import uuid
 from dataclasses import dataclass, field
 
 import fsspec
@@ -186,6 +187,18 @@ def pngs_by_stem(uri: str, storage_options: dict, what: str) -> dict[str, str]:
 def read_bytes_at(uri: str, storage_options: dict) -> bytes:
     fs, path = open_fs(uri, storage_options)
     return fs.cat_file(path)
+
+
+def write_atomic(fs, path: str, data: bytes) -> None:
+    """Put a whole file so that a reader sees the old one or the new one, never half:
+    locally written beside it under a `_`-prefixed name (readers skip those) and
+    renamed (atomic on one filesystem); an object store publishes a PUT whole."""
+    if _is_local(fs):
+        tmp = posixpath.join(posixpath.dirname(path), f"_tmp-{uuid.uuid4().hex}")
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
 
 
 def write_bytes_at(uri: str, data: bytes, storage_options: dict) -> None:
