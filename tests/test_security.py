@@ -25,6 +25,7 @@ import pytest
 
 from autosod_ray.config import PseudolabelConfig, TrainConfig, load_config, redact_url
 from tests.conftest import REPO, free_port, job_env, start_ray_node, stop_ray_node
+from tests.test_pseudolabel import job_args
 
 # distinctive fake credentials: any occurrence in an output is a leak, never a coincidence
 FAKE_KEY_ID = "AKIAFAKEAUTOSOD7Q2X9"
@@ -131,18 +132,8 @@ def owner_env(head: dict) -> dict:
 
 
 def pseudolabel_args(input_uri: str, output_uri: str, weights: Path, *extra: str) -> list[str]:
-    return [
-        "jobs/pseudolabel.py",
-        "--config",
-        "configs/smoke.yaml",
-        "--input",
-        input_uri,
-        "--output",
-        output_uri,
-        "--set",
-        f"backbone.weights={weights}",
-        *extra,
-    ]
+    """The pseudolabel job's smoke arguments (test_pseudolabel's), as `ray job submit` runs it."""
+    return ["jobs/pseudolabel.py", *job_args(input_uri, output_uri, weights, *extra)]
 
 
 def head_jobs(head: dict) -> list[dict]:
