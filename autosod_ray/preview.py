@@ -30,13 +30,41 @@ def images_by_stem(uri: str, opts: dict) -> dict[str, str]:
     return {file_stem(p): full_uri(fs, p) for p in found}
 
 
-def render_sheet(cfg: PreviewConfig) -> dict:
-    """Pick rows (first n, or the n worst by IoU), render them, save the PNG sheet."""
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "\u2026" + text[-(limit - 1) :]
+
+
+def contact_sheet(rows: list[tuple[str, list[tuple[np.ndarray, str]]]]):
+    """(label, [(picture, column title), ...]) per row -> a matplotlib figure, a row per image.
+
+    The row's label (image id, IoU) sits on a line of its own above the column
+    titles, so a narrow (portrait) panel never puts two texts on top of each
+    other; long ids keep their end.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cols = max(len(panels) for _, panels in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 3 * len(rows)), squeeze=False)
+    for ax_row, (label, panels) in zip(axes, rows, strict=True):
+        for ax, (pic, title) in zip(ax_row, panels, strict=False):
+            ax.imshow(pic, cmap="gray" if pic.ndim == 2 else None)
+            ax.set_axis_off()
+            ax.set_title(title, fontsize=8)
+        ax_row[0].annotate(
+            _shorten(label, 34), xy=(0, 1), xycoords="axes fraction", xytext=(0, 14),
+            textcoords="offset points", ha="left", va="bottom", fontsize=8,
+        )  # fmt: skip
+        for ax in ax_row[len(panels) :]:
+            ax.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+def render_sheet(cfg: PreviewConfig) -> dict:
+    """Pick rows (first n, or the n worst by IoU), render them, save the PNG sheet."""
     opts = cfg.storage.options(cfg.predictions)
     preds = load_predictions(cfg.predictions, opts).to_pylist()
     images = images_by_stem(cfg.images, cfg.storage.options(cfg.images))
@@ -70,9 +98,8 @@ def render_sheet(cfg: PreviewConfig) -> dict:
             raise InputError("--worst needs --ground-truth with masks matching the predictions")
         rows = sorted((r for r in rows if r["stem"] in scores), key=lambda r: scores[r["stem"]])
     rows = rows[: cfg.n]
-    cols = 4 if gts else 3
-    fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 3 * len(rows)), squeeze=False)
-    for ax_row, r in zip(axes, rows, strict=True):
+    sheet = []
+    for r in rows:
         soft, binary = maps(r)
         image = decode_image(
             read_bytes_at(images[r["stem"]], cfg.storage.options(cfg.images)), 10**9
@@ -85,14 +112,12 @@ def render_sheet(cfg: PreviewConfig) -> dict:
             panels.append(
                 (gt_of(r, soft.shape) if r["stem"] in gts else np.zeros_like(soft), "ground truth")
             )
-        for ax, (pic, title) in zip(ax_row, panels, strict=True):
-            ax.imshow(pic, cmap="gray" if pic.ndim == 2 else None)
-            ax.set_axis_off()
-            ax.set_title(title, fontsize=8)
         label = r["image_id"] + (f"  IoU {scores[r['stem']]:.3f}" if r["stem"] in scores else "")
-        ax_row[0].set_title(label, fontsize=8, loc="left")
-    fig.tight_layout()
+        sheet.append((label, panels))
     buf = io.BytesIO()
+    fig = contact_sheet(sheet)
+    import matplotlib.pyplot as plt
+
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     write_bytes_at(cfg.output, buf.getvalue(), cfg.storage.options(cfg.output))

@@ -198,3 +198,26 @@ def test_evaluate_through_ray_job_submit(fixtures, tmp_path, ray_head):
     res = ray_job_submit(ray_head, job)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert json.loads(out.read_text())["n"] == 3
+
+
+def test_contact_sheet_texts_never_overlap_on_portrait_rows():
+    """The row label (a long image id and its IoU) and the column titles each keep their own
+    place, on portrait, landscape and square panels alike."""
+    from autosod_ray.preview import contact_sheet
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for h, w in ((400, 120), (120, 400), (200, 200)):
+        pic = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        label = "s3://bucket/a/rather/long/prefix/of/folders/img_000123.jpg  IoU 0.812"
+        rows.append((label, [(pic, "image"), (pic[..., 0], "soft map"), (pic, "mask")]))
+    fig = contact_sheet(rows)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for ax in fig.axes for t in (ax.title, *ax.texts) if t.get_text()]
+    assert sum("IoU 0.812" in t.get_text() for t in texts) == 3
+    assert all(t.get_text().endswith("IoU 0.812") for t in texts if "IoU" in t.get_text())
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for i, a in enumerate(boxes):
+        for j in range(i + 1, len(boxes)):
+            assert not a.overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
