@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from .backbone import check_backbone, vit_geometry
 from .config import PredictConfig, PseudolabelConfig, config_hash
 from .data.parquet import TABLES, ShardDatasink, drop_rows, ensure_tables, read_rows
-from .data.progress import ProgressCounter, ProgressPrinter
+from .data.progress import ProgressCounter, ProgressPrinter, use_our_progress
 from .data.provenance import listing_digest, weights_provenance
 from .data.run_output import OutputError, RunOutput
 from .data.stages import (
@@ -143,7 +143,11 @@ def build_dataset(cfg: JobConfig, inputs: pa.Table, labelling: Labelling):
 
     p, lab = cfg.pipeline, labelling
     step = max(p.read_batch_size, -(-inputs.num_rows // 10_000))  # at most 10k input blocks
-    ds = ray.data.from_arrow([inputs.slice(i, step) for i in range(0, inputs.num_rows, step)])
+    blocks = [inputs.slice(i, step) for i in range(0, inputs.num_rows, step)]
+    # the model stage gets at least this many inputs: Ray Data bundles blocks up to each
+    # stage's batch size, so its inputs hold at least the largest batch upstream of it
+    model_inputs = -(-inputs.num_rows // max(step, p.decode_batch_size, p.potnet_batch_size))
+    ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         read_bytes,
         batch_size=p.read_batch_size,
@@ -167,7 +171,7 @@ def build_dataset(cfg: JobConfig, inputs: pa.Table, labelling: Labelling):
         batch_size=p.potnet_batch_size,
         batch_format="numpy",
         fn_constructor_args=(lab.model_factory, p.max_error_fraction),
-        compute=ActorPoolStrategy(min_size=p.pool_min, max_size=p.pool_max),
+        compute=ActorPoolStrategy(**pool_size(p.pool_min, p.pool_max, model_inputs)),
         num_gpus=resolve_num_gpus(cfg),
         num_cpus=p.num_cpus,
     )
@@ -182,6 +186,14 @@ def build_dataset(cfg: JobConfig, inputs: pa.Table, labelling: Labelling):
         },
     )
     return ds
+
+
+def pool_size(pool_min: int, pool_max: int, inputs: int) -> dict[str, int]:
+    """The model actor pool, never larger than the work: an actor per model-stage input at
+    most (a pool whose minimum exceeds its inputs starts actors that never get one, and
+    Ray Data warns "the operator only received N input(s)")."""
+    low = max(1, min(pool_min, inputs))
+    return {"min_size": low, "max_size": max(low, min(pool_max, inputs))}
 
 
 def pseudolabelling(cfg: PseudolabelConfig) -> Labelling:
@@ -342,7 +354,7 @@ def _label_pending(
     timings["resume_check_s"] = lap()
     if inputs.num_rows:
         ray.init(ignore_reinit_error=True)
-        ray.data.DataContext.get_current().enable_progress_bars = False  # ours: in images
+        use_our_progress()
         for warning in check_resources(cfg):
             print(f"WARNING: {warning}", file=sys.stderr)
         ds = build_dataset(cfg, inputs, labelling)

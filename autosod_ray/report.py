@@ -61,7 +61,7 @@ class ReportSettings:
     thumbnail_px: int = 160  # longest side of a thumbnail
     empty_fg_fraction: float = 0.005  # no object: the mask covers less than this
     background_fg_fraction: float = 0.9  # no object: the mask covers more (background taken)
-    low_quality: float = 0.3  # no object (or a wrong one): quality below this
+    low_quality: float = 0.4  # no object (or a wrong one): quality below this
     min_object_fraction: float = 0.005  # several objects: pieces at least this share of the image
     object_scan_limit: int = 5000  # object counts over whole shard files up to this many masks
     ray_above: int = 2000  # runs with more masks than this decode masks in Ray tasks

@@ -6,10 +6,11 @@
 
 Prints SOD metrics (PySODMetrics on the soft map; IoU on the binary mask),
 seconds per image and the Spearman correlation of the `quality` column with
-per-image IoU. `--ablations` runs, on the same backbone features, the paper's
-Table II (full, k-means only, spectral only, without L_con refinement,
-without OT, without re-weighting), our two choices undone (literal softmax
-marginal, hard fusion) and the normalised-cut baseline. `--feature-cache`
+per-image IoU, on all images and per fold (benchmarks/folds.py).
+`--ablations` runs, on the same backbone features, the paper's Table II
+(full, k-means only, spectral only, without L_con refinement, without OT,
+without re-weighting), our own choices undone (literal softmax marginal, hard
+fusion, the boundary prior) and the normalised-cut baseline. `--feature-cache`
 computes the backbone features once (benchmarks/feature_cache.py) so that all
 variants run on them, in `--workers` processes of one thread each.
 """
@@ -30,6 +31,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from feature_cache import cached_batches, fill_cache  # noqa: E402
+from folds import fold_of  # noqa: E402
 
 from autosod_ray.config import POTNetConfig, PseudolabelConfig, load_config  # noqa: E402
 from autosod_ray.data.images import IMAGE_EXTENSIONS, decode_image, resize_square  # noqa: E402
@@ -49,16 +51,20 @@ ABLATIONS = {
     "without re-weighting": {"reweight": False},
     "literal softmax marginal (t = 1)": {"marginal": "softmax", "marginal_temperature": 1.0},
     "hard fusion": {"fusion": "hard"},
+    "without the boundary prior": {"border_prior": "none"},
 }
 BASELINE = "ncut baseline"
 
 
-def variants(potnet: POTNetConfig, ablations: bool, extra: list[str]) -> dict[str, object]:
+def variants(
+    potnet: POTNetConfig, ablations: bool, extra: list[str], baseline: bool = False
+) -> dict[str, object]:
     """name -> POTNetConfig (or the ncut baseline), the full config first."""
     table: dict[str, object] = {"POTNet (this config)": potnet}
     if ablations:
         for name, change in ABLATIONS.items():
             table[name] = POTNetConfig.model_validate({**potnet.model_dump(), **change})
+    if ablations or baseline:
         table[BASELINE] = "baseline"
     for spec in extra:  # NAME:key=value,key=value
         name, _, sets = spec.partition(":")
@@ -130,7 +136,7 @@ def _cached_job(args) -> tuple[list, dict]:
 def run(args: argparse.Namespace) -> dict:
     cfg = load_config(PseudolabelConfig, args.config, args.set)
     pairs = image_mask_pairs(Path(args.images), Path(args.masks), args.limit)
-    table = variants(cfg.potnet, args.ablations, args.variant)
+    table = variants(cfg.potnet, args.ablations, args.variant, args.baseline)
     batch = cfg.pipeline.potnet_batch_size
     save = Path(args.save_masks) if args.save_masks else None
     rows, seconds, backbone_s = [], dict.fromkeys(table, 0.0), None
@@ -177,27 +183,42 @@ def run(args: argparse.Namespace) -> dict:
     return report(cfg, args, pairs, rows, seconds, backbone_s)
 
 
+def summarise(mine: list[dict]) -> dict:
+    """The dataset-level metrics of some per-image rows (and quality's Spearman with IoU)."""
+    means = MetricMeans()
+    for r in mine:
+        means.add(r)
+    res = means.results()
+    if mine and "quality" in mine[0]:
+        iou = [r["IoU"] for r in mine]
+        res["quality_spearman"] = float(spearmanr([r["quality"] for r in mine], iou)[0])
+    return res
+
+
 def report(cfg, args, pairs, rows, seconds, backbone_s) -> dict:
     n = len(pairs)
+    stems = [p.stem for p, _ in pairs]
+    fold = dict(zip(stems, fold_of(stems, args.folds), strict=True))
+    for r in rows:
+        r["fold"] = int(fold[r["stem"]])
     results = {}
     for name in seconds:
         mine = [r for r in rows if r["variant"] == name]
-        means = MetricMeans()
-        for r in mine:
-            means.add(r)
-        res = {**means.results(), "labeller_s_per_image": seconds[name] / n}
+        res = {**summarise(mine), "labeller_s_per_image": seconds[name] / n}
         if backbone_s is not None:
             res["s_per_image"] = (backbone_s + seconds[name]) / n
         if "quality" in mine[0]:
-            iou = [r["IoU"] for r in mine]
-            res["quality_spearman"] = float(spearmanr([r["quality"] for r in mine], iou)[0])
             err = np.array([r["ot_marginal_error"] for r in mine])
             res["ot_not_converged"] = float(np.mean(err >= cfg.potnet.ot_tol))
+        res["folds"] = [summarise([r for r in mine if r["fold"] == f]) for f in range(args.folds)]
         results[name] = res
     if args.per_image:
         import pandas as pd
 
-        flat = [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in rows]
+        flat = [
+            {k: (v.astype(np.float32) if k.endswith("_curve") else v) for k, v in r.items()}
+            for r in rows
+        ]
         pd.DataFrame(flat).to_parquet(args.per_image)
     return {
         "config": cfg.model_dump(mode="json"),
@@ -213,6 +234,20 @@ def save_masks(out: Path, stem: str, soft: np.ndarray, binary: np.ndarray) -> No
     (out / "binary").mkdir(parents=True, exist_ok=True)
     Image.fromarray(soft).save(out / "soft" / f"{stem}.png")
     Image.fromarray(binary.astype(np.uint8) * 255).save(out / "binary" / f"{stem}.png")
+
+
+def fold_table(report: dict, metric: str = "IoU") -> str:
+    """One metric per variant and fold (the folds protocol: benchmarks/folds.py)."""
+    first = next(iter(report["results"].values()))
+    folds = range(len(first["folds"]))
+    lines = [
+        f"| {metric} by fold | " + " | ".join(f"fold {f}" for f in folds) + " | all |",
+        "|---" * (len(folds) + 2) + "|",
+    ]
+    for name, r in report["results"].items():
+        cells = [f"{r['folds'][f].get(metric, np.nan):.3f}" for f in folds] + [f"{r[metric]:.3f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(report: dict) -> str:
@@ -239,6 +274,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--limit", type=int, default=None, help="first N images only")
     p.add_argument("--ablations", action="store_true", help="also run the Table II variants")
+    p.add_argument("--baseline", action="store_true", help="also run the ncut baseline")
     p.add_argument(
         "--variant",
         action="append",
@@ -253,6 +289,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--save-masks", default=None, metavar="OUT", help="write OUT/{soft,binary}/*.png"
     )
     p.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON")
+    p.add_argument("--folds", type=int, default=5, help="report per fold too (benchmarks/folds.py)")
     return p.parse_args(argv)
 
 
@@ -262,6 +299,8 @@ def main(argv=None) -> int:
     bb = report_["backbone_s_per_image"]
     print(f"{report_['n']} images from {report_['images']}; backbone {bb or 0:.3f} s/image")
     print(table(report_))
+    for metric in ("IoU", "maxF"):
+        print(fold_table(report_, metric))
     if args.json:
         Path(args.json).write_text(json.dumps(report_, indent=2))
     return 0

@@ -21,7 +21,7 @@ from autosod_ray.potnet.cluster import (
 from autosod_ray.potnet.mask import mask_at_size, otsu_threshold
 from autosod_ray.potnet.ops import l2_normalize, masked_mean
 from autosod_ray.potnet.params import POTNetParams
-from autosod_ray.potnet.refine import refine_by_consistency, torch_cam, torch_class_map
+from autosod_ray.potnet.refine import refine_by_consistency, torch_cam
 from autosod_ray.potnet.reweight import (
     consistency_loss,
     reweighted_class_maps,
@@ -355,24 +355,32 @@ def _refinement_inputs(b=2, seed=0):
 
 
 def test_torch_twins_equal_the_numpy_steps():
-    """Zero refinement steps reproduce steps 1 and 5 exactly (the maps L_con compares)."""
+    """Zero refinement steps reproduce the numpy steps 1 and 5 exactly: refinement starts
+    from the maps POTNet computed, whatever prototypes count as foreground."""
     import torch
 
-    x, w0, z, mass, omega = _refinement_inputs()
-    out = refine_by_consistency(x, w0, z, mass, omega, 1, steps=0, lr=0.1, temperature=0.1)
-    cams = class_activation_maps(x, w0)
-    # a plan whose argmax keeps z and whose masses are `mass`: the updated prototypes equal z
-    plan = np.where((x @ z.transpose(0, 2, 1)).argmax(-1)[..., None] == np.arange(2), 0.5, 0.0)
-    plan = (plan / plan.sum((1, 2), keepdims=True)).astype(np.float32)
-    np.testing.assert_allclose(out.cam, cams.scores[:, 0], atol=1e-5)
+    x, w0, z, _, omega = _refinement_inputs()
+    rng = np.random.default_rng(3)
+    plan = rng.uniform(0.0, 1.0, size=(2, x.shape[1], 2)).astype(np.float32)
+    plan /= plan.sum((1, 2), keepdims=True)
+    for foreground in (None, np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)):
+        maps = reweighted_class_maps(x, z, plan, 1, 0.1, foreground=foreground)  # numpy step 5
+        out = refine_by_consistency(
+            x, w0, maps.prototypes, maps.weight, omega, 1, steps=0, lr=0.1, temperature=0.1,
+            foreground=foreground,
+        )  # fmt: skip
+        np.testing.assert_allclose(out.saliency, maps.saliency, atol=1e-5)
+        np.testing.assert_allclose(out.cam, class_activation_maps(x, w0).scores[:, 0], atol=1e-5)
+        np.testing.assert_allclose(
+            out.loss, consistency_loss(maps.saliency, out.cam, omega), rtol=1e-4, atol=1e-6
+        )
+    # the second image's foreground is the second prototype: its map is the first's complement
+    flipped = reweighted_class_maps(x, z, plan, 1, 0.1, foreground=np.eye(2, dtype=np.float32))
+    plain = reweighted_class_maps(x, z, plan, 1, 0.1)
+    np.testing.assert_allclose(flipped.saliency[1], 1 - plain.saliency[1], atol=1e-6)
+    np.testing.assert_allclose(flipped.saliency[0], plain.saliency[0], atol=1e-6)
     f = torch.from_numpy(x)
-    a = torch_class_map(f, torch.from_numpy(z), torch.from_numpy(mass).log(), 1, 0.1).numpy()
-    np.testing.assert_allclose(out.saliency, a, atol=1e-6)
     np.testing.assert_allclose(torch_cam(f, torch.from_numpy(w0)).numpy(), out.cam, atol=1e-6)
-    np.testing.assert_allclose(
-        out.loss, consistency_loss(out.saliency, out.cam, omega), rtol=1e-5, atol=1e-7
-    )
-    assert plan.shape == (2, x.shape[1], 2)
 
 
 def test_refinement_lowers_l_con_and_moves_both_maps():
@@ -511,6 +519,7 @@ def test_quality_signals_hand_checked():
         quality_score,
         quality_signals,
         separability,
+        transport_signals,
     )
 
     clean = np.zeros((8, 8), np.float32)
@@ -529,6 +538,8 @@ def test_quality_signals_hand_checked():
     np.testing.assert_allclose(s["largest_component"][:2], [1.0, 8 / 12])
     np.testing.assert_allclose(s["seed_agreement"][:2], [1.0, 12 / 16])
     np.testing.assert_allclose(s["attention_inside"][0], 0.75)
+    s.update(transport_signals(np.array([60, 60, 60]), np.zeros(3), np.full(3, 0.7)))
+    np.testing.assert_allclose(s["log_ot_iterations"], np.log1p(60), rtol=1e-6)
     q = quality_score(s)
     assert set(QUALITY_SIGNALS) <= set(s) and ((q > 0) & (q < 1)).all()
     assert q[0] > q[2]  # the clean mask scores above the noisy one

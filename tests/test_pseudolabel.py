@@ -75,6 +75,7 @@ def test_job_labels_a_folder_and_resumes(dataset, tmp_path, weights_path):
     assert "labelled  12" in done.stdout and "errors    5" in done.stdout
     assert "pseudolabel  17/17 images  100.0%" in done.stderr  # progress, in images
     assert "5 errors" in done.stderr.split("17/17 images")[-1].splitlines()[0]
+    assert "only received" not in done.stderr  # the actor pool fits the work
     assert (out / "report.html").exists() and "report.html" in done.stdout  # by default
     check_output(out)
     # plain columns for any reader: pyarrow, pandas, DuckDB
@@ -399,3 +400,12 @@ def test_our_pixel_limit_is_the_one_in_force(monkeypatch):
     assert str(err.value) == (
         "decompression-bomb guard: 100 x 80 pixels > max_pixels 5000 (raise max_pixels to allow)"
     )
+
+
+def test_the_actor_pool_is_never_larger_than_the_work():
+    from autosod_ray.pseudolabel import pool_size
+
+    assert pool_size(2, 2, 1) == {"min_size": 1, "max_size": 1}  # one block: one actor
+    assert pool_size(2, 4, 3) == {"min_size": 2, "max_size": 3}
+    assert pool_size(1, 8, 100) == {"min_size": 1, "max_size": 8}
+    assert pool_size(3, 3, 0) == {"min_size": 1, "max_size": 1}

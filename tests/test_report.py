@@ -290,7 +290,7 @@ def expected_several(masks) -> int:
 def expected_thumbs(run, with_gt: bool) -> dict[str, int]:
     n = SETTINGS.thumbnails
     q, fg = run["quality"], run["fg"]
-    flagged = (fg < 0.005) | (fg > 0.9) | (np.nan_to_num(q, nan=1.0) < 0.3)
+    flagged = (fg < 0.005) | (fg > 0.9) | (np.nan_to_num(q, nan=1.0) < 0.4)
     out = {
         "gallery-check": min(n, int(np.isfinite(q).sum())),
         "gallery-trust": min(n, int(np.isfinite(q).sum())),

@@ -97,3 +97,14 @@ class ProgressPrinter:
         if self.live:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def use_our_progress() -> None:
+    """Turn Ray Data's progress bars (counted in blocks) off in favour of ours (in images),
+    and its warning-level notice that they are off with them: we turned them off."""
+    import logging
+
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

@@ -1,11 +1,12 @@
 """POTNet: the whole pseudo-labeller, one pass per batch of images.
 
 Reads top to bottom as the method (docs/method.md): seed -> CAMs -> entropy
-gate -> dual clustering -> prototypes -> optimal transport -> re-weighting ->
-consistency refinement -> saliency, quality. Arrays stay in the namespace of
-the input features (numpy or cupy) until the small per-image outputs are
-copied to the host. Every named choice (seed, clustering, fusion, engine,
-marginal) is looked up in a registry.
+gate -> dual clustering -> prototypes -> optimal transport -> (boundary prior)
+-> re-weighting -> consistency refinement -> saliency, quality. Arrays stay in
+the namespace of the input features (numpy or cupy) until the small per-image
+outputs are copied to the host; the boundary prior's geodesic distances run on
+the host (SciPy's Dijkstra) for either backend. Every named choice (seed,
+clustering, fusion, engine, marginal) is looked up in a registry.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import array_namespace, to_numpy
+from .boundary import border_prototypes, boundary_connectivity, damp_saliency
 from .cam import Gate, class_activation_maps, entropy_gate
 from .cluster import CLUSTER_ENGINES, CLUSTERINGS
 from .mask import mask_at_size
 from .ops import cosine, l2_normalize, masked_mean
 from .params import POTNetParams
-from .quality import quality_score, quality_signals
+from .quality import quality_score, quality_signals, transport_signals
 from .refine import refine_by_consistency
 from .reweight import consistency_loss, reweighted_class_maps, transport_confidence
 from .seeds import SEEDS
@@ -83,35 +85,59 @@ class POTNet:
         gate = entropy_gate(cams.scores, p.select_tau, min_count=k)  # step 2
         prototypes = self.prototypes(x, gate)  # step 3
         ot = self.transport(x, prototypes, cams.weights, gate)  # step 4
+        w_bg = (  # boundary prior: background probability of each patch
+            boundary_connectivity(x, batch.grid, p.border_sigma)
+            if p.border_prior != "none"
+            else None
+        )
+        foreground = None
+        if p.border_prior == "prototypes":  # foreground prototypes on the border -> background
+            foreground = border_prototypes(w_bg, ot.plan, self.first_k(ot.plan), p.border_threshold)
         # step 5: re-weighted prototype maps
-        maps = reweighted_class_maps(x, prototypes, ot.plan, k, p.map_temperature, p.reweight)
+        maps = reweighted_class_maps(
+            x, prototypes, ot.plan, k, p.map_temperature, p.reweight, foreground
+        )
         confidence = transport_confidence(ot.plan)  # step 6: omega_i
         if p.refine_steps:  # step 6: L_con refines the prototype CAMs and the CAM
             refined = refine_by_consistency(
                 x, w_fg, maps.prototypes, maps.weight, confidence, k,
-                p.refine_steps, p.refine_lr, p.map_temperature,
+                p.refine_steps, p.refine_lr, p.map_temperature, foreground,
             )  # fmt: skip
             saliency, cam, loss = refined.saliency, refined.cam, refined.loss
         else:
             saliency, cam = maps.saliency, cams.scores[:, 0]
             loss = consistency_loss(saliency, cam, confidence)
+        if p.border_prior == "saliency":  # boundary prior as a final clean-up
+            saliency = damp_saliency(saliency, w_bg)
         b, (h, w) = x.shape[0], batch.grid
 
         def grid(a):  # B x N on the device -> B x h x w on the host
             return to_numpy(a).reshape(b, h, w).astype(np.float32)
 
         saliency = grid(saliency)
-        signals = quality_signals(saliency, grid(cams.scores[:, 0]), grid(batch.cls_attention))
+        confidence = to_numpy(confidence.mean(-1)).astype(np.float32)
+        loss = to_numpy(loss).astype(np.float32)
+        iterations = to_numpy(ot.iterations).astype(np.int32)
+        signals = {
+            **quality_signals(saliency, grid(cams.scores[:, 0]), grid(batch.cls_attention)),
+            **transport_signals(iterations, loss, confidence),
+        }
         return POTNetOutput(
             saliency=saliency,
             cam=grid(cam),
-            confidence=to_numpy(confidence.mean(-1)).astype(np.float32),
-            consistency_loss=to_numpy(loss).astype(np.float32),
+            confidence=confidence,
+            consistency_loss=loss,
             quality=quality_score(signals),
             quality_signals=signals,
-            ot_iterations=to_numpy(ot.iterations).astype(np.int32),
+            ot_iterations=iterations,
             ot_marginal_error=to_numpy(ot.marginal_error).astype(np.float32),
         )
+
+    def first_k(self, plan):
+        """B x P foreground membership of the class-major prototypes: the first K."""
+        xp = array_namespace(plan)
+        b, _, p = plan.shape
+        return xp.broadcast_to((xp.arange(p) < self.p.num_clusters).astype(plan.dtype), (b, p))
 
     def prototypes(self, x, gate: Gate):
         """Step 3: per-class soft clusters M of the selected patches -> B x 2K x D prototypes."""

@@ -31,3 +31,6 @@ class POTNetParams:
     map_temperature: float = 0.1
     refine_steps: int = 5  # step 6: gradient steps on L_con (ECSSD sweep: README)
     refine_lr: float = 3.0
+    border_prior: str = "prototypes"  # boundary prior: a name in BORDER_PRIORS
+    border_sigma: float = 0.4  # geodesic scale of a region (feature distance 1 - cos)
+    border_threshold: float = 0.8  # `prototypes`: move a foreground prototype above this w_bg

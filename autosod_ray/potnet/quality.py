@@ -43,33 +43,75 @@ def quality_signals(
     - seed_agreement: IoU of the mask with the seed CAM S_fg (step 1, before
       refinement) thresholded by Otsu: two views of the image agreeing;
     - attention_inside: the share of the CLS token's attention that falls inside
-      the mask (a view the clustering never used).
+      the mask (a view the clustering never used);
+    - border_contact: the share of the grid's outer ring inside the mask (a mask
+      that spills onto the background touches the border along much of it);
+    - fg_fraction: the share of the grid inside the mask;
+    - size_vs_attention: log2 of the mask's area over the area the CLS attention
+      marks (its own Otsu mask), clipped to [-3, 3]: 0 when the two agree on size.
     """
     rows = []
     for s, c, a in zip(saliency, seed_cam, cls_attention, strict=True):
         mask = s > otsu_threshold(s)
         labels, count = ndimage.label(mask)
         largest = np.bincount(labels.ravel())[1:].max() if count else 0
+        ring = np.ones_like(mask)
+        ring[1:-1, 1:-1] = False
+        attended = max(int((a > otsu_threshold(a)).sum()), 1)
         rows.append(
             (
                 separability(s),
                 float(largest / max(mask.sum(), 1)),
                 _iou(mask, c > otsu_threshold(c)),
                 float((a * mask).sum() / max(a.sum(), 1e-12)),
+                float(mask[ring].mean()),
+                float(mask.mean()),
+                float(np.clip(np.log2(max(mask.sum(), 1) / attended), -3, 3)),
             )
         )
-    names = ("separability", "largest_component", "seed_agreement", "attention_inside")
+    names = (
+        "separability",
+        "largest_component",
+        "seed_agreement",
+        "attention_inside",
+        "border_contact",
+        "fg_fraction",
+        "size_vs_attention",
+    )
     table = np.asarray(rows, np.float32).reshape(-1, len(names))
     return {name: table[:, i] for i, name in enumerate(names)}
 
 
-# quality = sigmoid(intercept + sum_s weight_s * signal_s), an estimate of the mask's IoU with
-# a human mask: relative weights 2 : 1 : 0.5 : 0.25 on the signals standardised over ECSSD's
-# 1000 images, scale and offset fit to IoU there by least squares (benchmarks/fit_quality.py
-# --relative 2,1,0.5,0.25; Spearman with IoU 0.684 cross-validated, README "Quality")
-QUALITY_SIGNALS = ("separability", "largest_component", "seed_agreement", "attention_inside")
-QUALITY_INTERCEPT = -9.1701
-QUALITY_WEIGHTS = (8.0418, 1.9118, 0.7097, 0.4523)
+def transport_signals(
+    ot_iterations: np.ndarray, consistency_loss: np.ndarray, confidence: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per-image signals from the transport and the refinement, each B: log(1 + Sinkhorn
+    iterations) (a plan that takes long to settle has a real choice to make), L_con, and
+    the mean transport confidence omega."""
+    return {
+        "log_ot_iterations": np.log1p(np.asarray(ot_iterations, np.float32)),
+        "consistency_loss": np.asarray(consistency_loss, np.float32),
+        "confidence": np.asarray(confidence, np.float32),
+    }
+
+
+# quality = sigmoid(intercept + sum_s weight_s * signal_s), an estimate of the mask's IoU with a
+# human mask. Fit on ECSSD's 1000 images with the default config (benchmarks/fit_quality.py: a
+# ridge regression of IoU's rank normal scores on the standardised signals, then a sigmoid
+# calibration to IoU). Held-out folds, each scored by a model fit on the other four: Spearman
+# with IoU 0.683, calibration error 0.008 (README "Quality").
+QUALITY_SIGNALS = (
+    "separability",
+    "largest_component",
+    "seed_agreement",
+    "attention_inside",
+    "border_contact",
+    "size_vs_attention",
+    "log_ot_iterations",
+    "confidence",
+)
+QUALITY_INTERCEPT = -5.8957
+QUALITY_WEIGHTS = (3.535, 0.7948, 0.5143, 1.577, -1.4802, -0.1279, 0.582, -0.7184)
 
 
 def quality_score(signals: dict[str, np.ndarray]) -> np.ndarray:

@@ -33,13 +33,15 @@ def _back(t, like):
     return array_namespace(like).from_dlpack(t.detach().contiguous())
 
 
-def torch_class_map(f, z, log_mass, k: int, temperature: float):
+def torch_class_map(f, z, log_mass, k: int, temperature: float, foreground=None):
     """torch twin of `reweighted_class_maps`' saliency: softmax over prototypes of
-    cos(z_j, f_i) / t + log gamma_j, summed over the foreground's k. B x N."""
+    cos(z_j, f_i) / t + log gamma_j, summed over the foreground's k (or the
+    B x P `foreground` membership). B x N."""
     import torch.nn.functional as F
 
     logits = f @ F.normalize(z, dim=-1).transpose(1, 2) / temperature + log_mass[:, None, :]
-    return logits.softmax(-1)[:, :, :k].sum(-1)
+    share = logits.softmax(-1)
+    return share[:, :, :k].sum(-1) if foreground is None else (share * foreground[:, None]).sum(-1)
 
 
 def torch_cam(f, w):
@@ -52,20 +54,23 @@ def torch_cam(f, w):
 
 
 def refine_by_consistency(
-    features, w_fg, prototypes, mass, confidence, k: int, steps: int, lr: float, temperature: float
-) -> Refined:
+    features, w_fg, prototypes, mass, confidence, k: int, steps: int, lr: float, temperature: float,
+    foreground=None,
+) -> Refined:  # fmt: skip
     """features B x N x D, w_fg B x D, prototypes z' B x P x D, mass gamma B x P,
-    confidence omega B x N -> the refined class map, CAM and L_con (numpy or cupy)."""
+    confidence omega B x N -> the refined class map, CAM and L_con (numpy or cupy).
+    `foreground` (B x P): which prototypes make the class map (default: the first k)."""
     import torch
 
     f, omega = _torch(features), _torch(confidence)
+    fg = None if foreground is None else _torch(foreground)
     log_mass = _torch(mass).clamp_min(1e-12).log()
     z = _torch(prototypes).clone().requires_grad_(True)
     w = _torch(w_fg).clone().requires_grad_(True)
     opt = torch.optim.SGD([z, w], lr=lr)
 
     def l_con():
-        a = torch_class_map(f, z, log_mass, k, temperature)
+        a = torch_class_map(f, z, log_mass, k, temperature, fg)
         s = torch_cam(f, w)
         # L_con = mean_i omega_i |A_fg(i) - S_fg(i)|, per image
         return a, s, (omega * (a - s).abs()).mean(-1)

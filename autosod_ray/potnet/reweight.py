@@ -17,12 +17,15 @@ class ClassMaps:
 
 
 def reweighted_class_maps(
-    features, prototypes, plan, k: int, temperature: float, reweight: bool = True
-) -> ClassMaps:
+    features, prototypes, plan, k: int, temperature: float, reweight: bool = True,
+    foreground=None,
+) -> ClassMaps:  # fmt: skip
     """features B x N x D, prototypes B x P x D, plan B x N x P -> foreground map B x N.
 
     P = C * k prototypes, class-major (foreground first). Class map
     A_c(i) = sum_k gamma_ck exp(cos(z'_ck, f_i) / t); saliency = A_fg / sum_c A_c.
+    `foreground` (B x P, 1 = foreground) overrides which prototypes make A_fg (the
+    border prior moves some to the background); default: the first k.
     """
     xp = array_namespace(features)
     b, n, p = plan.shape
@@ -37,7 +40,8 @@ def reweighted_class_maps(
     # prototype CAM cos(z'_j, f_i), weighted by gamma_j and summed over each class's k
     logits = cosine(features, updated) / temperature + xp.log(xp.maximum(weight, 1e-12))[:, None]
     share = softmax(logits, axis=-1)  # B x N x P, sums to 1 over all prototypes
-    return ClassMaps(share[:, :, :k].sum(-1), prototypes=updated, mass=mass, weight=weight)
+    fg = share[:, :, :k].sum(-1) if foreground is None else (share * foreground[:, None]).sum(-1)
+    return ClassMaps(fg, prototypes=updated, mass=mass, weight=weight)
 
 
 def transport_confidence(plan):
