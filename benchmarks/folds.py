@@ -16,5 +16,6 @@ def fold_of(stems, folds: int = 5) -> np.ndarray:
     always give the same folds)."""
     stems = list(stems)
     rank = {s: i for i, s in enumerate(sorted(set(stems)))}
-    block = -(-len(rank) // folds)  # ceil: the last block may be short
-    return np.array([rank[s] // block for s in stems], dtype=np.int64)
+    n = len(rank)
+    # fold of rank r: r * folds // n, so every fold is used and sizes differ by at most one
+    return np.array([rank[s] * folds // n for s in stems], dtype=np.int64)

@@ -6,7 +6,8 @@ each image that holds no object pixel, cropped and saved with an empty ground-tr
 The crops are the "no clear object" case (sky, water, grass, a wall): POTNet's
 `quality` should be low on them, and the report should list them under
 "Probably no object". `benchmarks/quality.py --images OUT/images --masks OUT/masks`
-measures it; tests/test_quality_signals.py checks it on a few.
+measures it; tests/test_potnet_real.py checks it on a few
+(test_images_without_an_object_get_a_low_quality).
 """
 
 from __future__ import annotations

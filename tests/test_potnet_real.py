@@ -113,7 +113,7 @@ SWEEP = [
     {"seed_orientation": "max_entry"},
     {"refine_steps": 3},
     {"refine_steps": 0},
-    {"border_prior": "prototypes"},
+    {"border_prior": "none"},
     {"border_prior": "saliency"},
 ]
 
