@@ -170,6 +170,29 @@ def meta_sha(model: Path) -> str:
     return hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
 
 
+def test_a_quality_filter_on_unscored_masks_names_the_fix(pseudo_masks, tmp_path):
+    """predict's masks have no `quality` (NaN): a quality filter says so instead of keeping
+    nothing for an unnamed reason; with some masks scored, only the scored ones count."""
+    from autosod_ray.config import DataSection
+    from autosod_ray.data.training import quality_threshold, select_pseudo_masks
+
+    mine = tmp_path / "pseudo"
+    shutil.copytree(pseudo_masks, mine)
+    for shard in (mine / "masks").glob("*.parquet"):
+        table = pq.read_table(shard)
+        nan = pa.array(np.full(len(table), np.nan, np.float32))
+        column = table.schema.get_field_index("quality")
+        pq.write_table(table.set_column(column, "quality", nan), shard)
+    with pytest.raises(InputError, match="no mask has a `quality` score"):
+        select_pseudo_masks(str(mine / "masks"), {}, DataSection(keep_top_fraction=0.5))
+    everything = select_pseudo_masks(str(mine / "masks"), {}, DataSection())
+    assert everything.kept == everything.rows > 0
+    # NaN neither counts toward the kept fraction nor passes
+    q = np.array([np.nan, 0.2, 0.4, np.nan, 0.6, 0.8])
+    assert quality_threshold(q, 0.0, 0.5) == 0.6
+    assert quality_threshold(q, 0.7, 1.0) == 0.7
+
+
 def test_token_cache_rows_are_the_encoders_own_tokens(pseudo_masks, photos, weights_path):
     """One EncoderStage batch: view 0 is model.encode(image), view 1 the mirrored image's,
     each keyed by the digest of the image bytes; a target is the pseudo-mask at the mask

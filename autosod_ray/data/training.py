@@ -39,8 +39,10 @@ def masks_folder(uri: str, storage_options: dict) -> tuple[object, str]:
 
 def quality_threshold(quality: np.ndarray, min_quality: float, keep_top_fraction: float) -> float:
     """The lowest `quality` a pseudo-mask may have to train: at least `min_quality`, and
-    high enough that about `keep_top_fraction` of the masks (the best) remain."""
-    q = np.sort(np.asarray(quality, np.float64))
+    high enough that about `keep_top_fraction` of the masks (the best) remain. Masks
+    without a score (NaN: predict's masks) neither count nor pass."""
+    q = np.asarray(quality, np.float64)
+    q = np.sort(q[np.isfinite(q)])
     threshold = min_quality
     if keep_top_fraction < 1 and len(q):
         cut = min(len(q) - 1, int(np.floor(len(q) * (1 - keep_top_fraction))))
@@ -131,7 +133,13 @@ def select_pseudo_masks(uri: str, storage_options: dict, data: DataSection) -> T
     ]
     threshold = None
     if data.filters_quality:
-        quality = table.column("quality").to_numpy(zero_copy_only=False)
+        quality = table.column("quality").to_numpy(zero_copy_only=False).astype(np.float64)
+        if keep.any() and not np.isfinite(quality[keep]).any():
+            raise InputError(
+                f"--pseudo-masks {uri!r}: no mask has a `quality` score (predict writes NaN), "
+                "so data.min_quality / keep_top_fraction can keep none; set "
+                "data.min_quality=0 and data.keep_top_fraction=1 to train on them all"
+            )
         threshold = quality_threshold(quality[keep], data.min_quality, data.keep_top_fraction)
         keep &= quality >= threshold
         conditions.append(f"quality >= {threshold!r}")
