@@ -143,11 +143,10 @@ def build_dataset(cfg: JobConfig, inputs: pa.Table, labelling: Labelling):
 
     p, lab = cfg.pipeline, labelling
     step = max(p.read_batch_size, -(-inputs.num_rows // 10_000))  # at most 10k input blocks
-    blocks = [inputs.slice(i, step) for i in range(0, inputs.num_rows, step)]
     # the model stage gets at least this many inputs: Ray Data bundles blocks up to each
     # stage's batch size, so its inputs hold at least the largest batch upstream of it
     model_inputs = -(-inputs.num_rows // max(step, p.decode_batch_size, p.potnet_batch_size))
-    ds = ray.data.from_arrow(blocks)
+    ds = ray.data.from_arrow([inputs.slice(i, step) for i in range(0, inputs.num_rows, step)])
     ds = ds.map_batches(
         read_bytes,
         batch_size=p.read_batch_size,

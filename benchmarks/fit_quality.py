@@ -41,16 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from folds import fold_of  # noqa: E402
 
-CANDIDATES = (
-    "separability",
-    "largest_component",
-    "seed_agreement",
-    "attention_inside",
-    "border_contact",
-    "size_vs_attention",
-    "log_ot_iterations",
-    "confidence",
-)
+from autosod_ray.potnet.quality import QUALITY_SIGNALS  # noqa: E402
+
+# the signals are fixed in advance: the ones the shipped score reads
+CANDIDATES = QUALITY_SIGNALS
 
 
 def predict(coef: np.ndarray, x: np.ndarray) -> np.ndarray:

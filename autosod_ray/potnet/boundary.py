@@ -41,17 +41,14 @@ def border_patches(h: int, w: int) -> np.ndarray:
     return np.flatnonzero(ring)
 
 
-def geodesic_distances(
-    features: np.ndarray, grid: tuple[int, int], limit: float = np.inf
-) -> np.ndarray:
-    """N x D unit features on an h x w grid -> N x N geodesic distances (edge cost 1 - cos);
-    paths longer than `limit` are not followed (their distance is inf)."""
+def geodesic_distances(features: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """N x D unit features on an h x w grid -> N x N geodesic distances (edge cost 1 - cos)."""
     h, w = grid
     i, j = grid_edges(h, w)
     # edge cost: feature distance of neighbours (a tiny floor keeps zero-cost edges in the graph)
     cost = np.maximum(1.0 - (features[i] * features[j]).sum(-1), 1e-6).astype(np.float64)
     graph = coo_matrix((cost, (i, j)), shape=(h * w, h * w)).tocsr()
-    return dijkstra(graph, directed=False, limit=limit)
+    return dijkstra(graph, directed=False)
 
 
 def boundary_connectivity(features, grid: tuple[int, int], sigma: float) -> np.ndarray:

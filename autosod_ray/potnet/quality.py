@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .boundary import border_patches
 from .mask import otsu_threshold
 
 
@@ -55,8 +56,6 @@ def quality_signals(
         mask = s > otsu_threshold(s)
         labels, count = ndimage.label(mask)
         largest = np.bincount(labels.ravel())[1:].max() if count else 0
-        ring = np.ones_like(mask)
-        ring[1:-1, 1:-1] = False
         attended = max(int((a > otsu_threshold(a)).sum()), 1)
         rows.append(
             (
@@ -64,7 +63,7 @@ def quality_signals(
                 float(largest / max(mask.sum(), 1)),
                 _iou(mask, c > otsu_threshold(c)),
                 float((a * mask).sum() / max(a.sum(), 1e-12)),
-                float(mask[ring].mean()),
+                float(mask.ravel()[border_patches(*mask.shape)].mean()),
                 float(mask.mean()),
                 float(np.clip(np.log2(max(mask.sum(), 1) / attended), -3, 3)),
             )
