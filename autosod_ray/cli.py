@@ -28,6 +28,7 @@ SET_EXAMPLES = {
     "preview.yaml": "n=12",
     "report.yaml": "thumbnails=12",
     "export.yaml": "min_area=128",
+    "selftrain-cpu.yaml": "rounds=2",
 }
 
 

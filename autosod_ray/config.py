@@ -625,6 +625,47 @@ class PredictConfig(Section):
     storage: StorageConfig = StorageConfig()
 
 
+class SelfTrainConfig(Section):
+    """`jobs/selftrain.py`: students relabel the images and new students train on the masks
+    they are surest of (autosod_ray/selftrain.py); `train` and `predict` are the two jobs'
+    configs, their paths set by each round."""
+
+    input: str | None = Field(None, description="The images the pseudo-masks are of (to relabel).")
+    pseudo_masks: str | None = Field(None, description="POTNet's pseudolabel output (round 0).")
+    output: str | None = Field(
+        None, description="Folder / URI for student-<k>/, labels-<k>/, selftrain.json."
+    )
+    rounds: int = Field(
+        1, ge=0, le=10, description="Relabel-and-retrain rounds after the first student."
+    )
+    force_unlock: bool = Field(
+        False, description="Take each step's lease from a run that looks alive (if it is dead)."
+    )
+    train: TrainConfig = TrainConfig()
+    predict: PredictConfig = PredictConfig()
+    storage: StorageConfig = Field(
+        StorageConfig(), description="How every step reaches object stores (set here only)."
+    )
+
+    @model_validator(mode="after")
+    def _paths_are_the_rounds(self) -> SelfTrainConfig:
+        given = [
+            f"{section}.{key}"
+            for section, keys in (
+                ("train", ("pseudo_masks", "output", "storage")),
+                ("predict", ("model", "input", "output", "storage")),
+            )
+            for key in keys
+            if key in getattr(self, section).model_fields_set
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: each round sets these (its paths under --output, "
+                "the top-level storage); give --input, --pseudo-masks, --output and storage"
+            )
+        return self
+
+
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 

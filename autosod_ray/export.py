@@ -240,7 +240,8 @@ def select_predictions(uri: str, storage_options: dict, cfg: ExportConfig) -> Se
         known = known[np.isfinite(known)]
         if not len(known):
             raise InputError(
-                f"--predictions {uri!r}: no mask has a quality (predict's masks carry none), "
+                f"--predictions {uri!r}: no mask has a quality (an older predict's masks "
+                "carry none), "
                 "so --min-quality / --top-fraction cannot choose; leave them out"
             )
         threshold = quality_threshold(known, cfg.min_quality, cfg.top_fraction)

@@ -2,8 +2,9 @@
 
 The same pipeline as pseudolabel (list, read, decode, model actors, encode,
 Parquet with masks/ errors/ run.json, resume), with the trained network in the
-actor stage. `confidence` is the chosen query's objectness; `consistency_loss`
-is NaN (a POTNet quantity).
+actor stage. `confidence` is the chosen query's objectness; `quality` is the
+model's own estimate of the mask's IoU (model/quality.py); `consistency_loss` is
+NaN (a POTNet quantity).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .backbone import snap_to_patch
 from .config import PredictConfig
 from .data.uris import InputError, absolute
 from .model.inference import AutoSODPredictor, load_model, threshold_at_size
+from .model.quality import prediction_quality
 from .pseudolabel import Labelling, run_labelling
 
 
@@ -29,9 +31,12 @@ class _Predictor:
             cfg.model, cfg.storage.options(cfg.model), cfg.device, cfg.precision
         )
 
+        threshold = predictor.meta["model"]["threshold"]
+
         def label(images):
             prob, objectness = predictor(images)
-            return prob, {"confidence": objectness}
+            quality = prediction_quality(prob, objectness, threshold)
+            return prob, {"confidence": objectness, "quality": quality}
 
         return label
 

@@ -1,10 +1,12 @@
-"""Fit POTNet's per-mask `quality` score, every choice inside the folds.
+"""Fit a per-mask `quality` score, every choice inside the folds.
 
-    python benchmarks/fit_quality.py --per-image FILE.parquet [--variant NAME] [--folds 5]
+    python benchmarks/fit_quality.py --per-image FILE.parquet [--score potnet|autosod] \
+        [--variant NAME] [--folds 5]
 
-Reads the per-image rows of `benchmarks/quality.py --per-image` (the `signal_*`
-columns, IoU and fold of one variant). The score is made in two stages, both
-fit on the training folds only:
+Reads the per-image rows (the `signal_*` columns, IoU and fold of one variant) of
+`benchmarks/quality.py --per-image` for POTNet's score, or of
+`benchmarks/autosod_quality.py --per-image` for predict's (`--score autosod`). The score is made in
+two stages, both fit on the training folds only:
 
 1. rank: a ridge regression of IoU's normal scores (its ranks mapped through
    the inverse normal) on the standardised signals, so the combination is
@@ -13,13 +15,14 @@ fit on the training folds only:
    as an estimate of the mask's IoU.
 
 The two compose into quality = sigmoid(intercept + weights . signals), the form
-`autosod_ray/potnet/quality.py` ships. Each fold is scored by a model fit on
-the other folds; the figures printed are those of the held-out folds only:
+`QualityScore` ships (autosod_ray/potnet/quality.py, autosod_ray/model/quality.py).
+Each fold is scored by a model fit on the other folds; the figures printed are
+those of the held-out folds only:
 Spearman with IoU, calibration error (mean |mean quality - mean IoU| over
 deciles of quality) and the mean IoU of the best 10% / 25% / 50% by quality.
 The last lines fit all folds: the coefficients to ship.
 
-The signals are fixed in advance (`CANDIDATES`), not chosen on ECSSD:
+The signals are fixed in advance (the shipped score's), not chosen on ECSSD; POTNet's:
 `fg_fraction` and `consistency_loss` are left out because their correlation
 with IoU changes sign between ECSSD and a held-out set of cluttered scenes
 (+0.06 / -0.16 here, -0.31 / -0.40 there), so they describe the dataset more
@@ -41,10 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from folds import fold_of  # noqa: E402
 
-from autosod_ray.potnet.quality import QUALITY_SIGNALS  # noqa: E402
+from autosod_ray.model.quality import PREDICTION_QUALITY  # noqa: E402
+from autosod_ray.potnet.quality import POTNET_QUALITY  # noqa: E402
 
-# the signals are fixed in advance: the ones the shipped score reads
-CANDIDATES = QUALITY_SIGNALS
+# the score each labeller ships, and where: its signals are fixed in advance
+SCORES = {
+    "potnet": (POTNET_QUALITY, "autosod_ray/potnet/quality.py", "POTNet (this config)"),
+    "autosod": (PREDICTION_QUALITY, "autosod_ray/model/quality.py", None),
+}
 
 
 def predict(coef: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -102,9 +109,12 @@ def figures(quality: np.ndarray, iou: np.ndarray) -> dict[str, float]:
     }
 
 
-def load(per_image: str, variant: str, n_folds: int):
+def load(per_image: str, variant: str, n_folds: int, agreement: str | None = None):
     frame = pd.read_parquet(per_image)
     frame = frame[frame.variant == variant].sort_values("stem")
+    if agreement:  # a student's agreement with these masks, by stem (autosod_quality.py)
+        theirs = pd.read_parquet(agreement, columns=["stem", "agreement"])
+        frame = frame.merge(theirs.rename(columns={"agreement": "signal_agreement"}), on="stem")
     if "fold" not in frame:
         frame["fold"] = fold_of(frame.stem, n_folds)
     signals = {
@@ -126,14 +136,24 @@ def describe(label: str, quality: np.ndarray, iou: np.ndarray) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--per-image", required=True)
-    p.add_argument("--variant", default="POTNet (this config)")
+    p.add_argument("--score", choices=sorted(SCORES), default="potnet")
+    p.add_argument("--variant", help="the rows' variant (default: POTNet's, or the only one)")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--signals", default=",".join(CANDIDATES), help="comma-separated signals")
+    p.add_argument("--signals", help="comma-separated signals (default: the shipped score's)")
+    p.add_argument(
+        "--agreement", help="per-image rows of autosod_quality.py --teacher-masks: + agreement"
+    )
     args = p.parse_args(argv)
-    frame, signals = load(args.per_image, args.variant, args.folds)
-    names = args.signals.split(",")
+    score, module, variant = SCORES[args.score]
+    variant = (
+        args.variant
+        or variant
+        or pd.read_parquet(args.per_image, columns=["variant"]).variant.iloc[0]
+    )
+    frame, signals = load(args.per_image, variant, args.folds, args.agreement)
+    names = args.signals.split(",") if args.signals else list(score.signals)
     y, folds = frame.IoU.to_numpy(np.float64), frame.fold.to_numpy()
-    print(f"{len(frame)} images of {args.variant!r}; mean IoU {y.mean():.3f}")
+    print(f"{len(frame)} images of {variant!r}; mean IoU {y.mean():.3f}")
     for name, v in signals.items():
         print(f"  {name:<20} Spearman with IoU {spearmanr(v, y)[0]:+.3f}")
     x = np.column_stack([signals[n] for n in names])
@@ -145,10 +165,10 @@ def main(argv=None) -> int:
     alone = held_out(signals["separability"][:, None], y, folds)
     print(describe("separability alone, pooled", alone, y))
     coef = fit(x, y)
-    print("fit on all folds (what autosod_ray/potnet/quality.py ships):")
-    print(f"  QUALITY_SIGNALS = {tuple(names)!r}")
-    print(f"  QUALITY_INTERCEPT = {coef[0]:.4f}")
-    print(f"  QUALITY_WEIGHTS = {tuple(round(float(c), 4) for c in coef[1:])!r}")
+    print(f"fit on all folds (what {module} ships):")
+    print(f"  signals={tuple(names)!r}")
+    print(f"  intercept={coef[0]:.4f}")
+    print(f"  weights={tuple(round(float(c), 4) for c in coef[1:])!r}")
     return 0
 
 

@@ -12,6 +12,7 @@ from autosod_ray.data.augment import augment_pair, color_jitter, random_resized_
 from autosod_ray.model import autosod_loss, build_autosod, dice_loss, ranking_loss
 from autosod_ray.model.autosod import AutoSODOutput
 from autosod_ray.model.inference import AutoSODPredictor, save_model, threshold_at_size
+from autosod_ray.model.quality import prediction_quality, prediction_signals
 from autosod_ray.train.loop import lr_factor, param_groups
 
 TINY = ModelConfig(num_queries=4, decoder_layers=2, width=32, heads=4, ffn_width=64)
@@ -116,6 +117,10 @@ def test_saved_model_predicts_the_same(tmp_path):
     assert np.allclose(prob, want.numpy(), atol=1e-6) and np.allclose(obj, want_obj.numpy())
     soft, binary = threshold_at_size(prob[0], 50, 70, 0.5)
     assert soft.shape == binary.shape == (50, 70) and soft.dtype == np.uint8
+    # the decoder on the encoder's tokens (a token cache's path) is the same prediction
+    tokens = net.encode(torch.as_tensor(images))
+    from_tokens, obj_tokens = net.predict(tokens=tokens)
+    assert torch.allclose(from_tokens, want, atol=1e-6) and torch.allclose(obj_tokens, want_obj)
 
 
 def test_overfits_a_fixed_batch_of_real_images(ecssd, weights_path):
@@ -202,3 +207,23 @@ def test_encoder_has_its_own_rate_or_is_frozen():
     assert n_params == sum(p.numel() for p in net.parameters())
     frozen = param_groups(net, OptimConfig(freeze_encoder=True))
     assert {g["name"] for g in frozen} == {"decoder", "decoder_no_decay"}
+
+
+def test_prediction_signals_hand_checked():
+    """predict's quality signals on maps whose values are known by construction."""
+    clean = np.zeros((16, 16), np.float32)
+    clean[4:12, 4:12] = 1.0  # a sure square in the middle
+    fuzzy = np.full((16, 16), 0.3, np.float32)
+    fuzzy[:, :8] = 0.7  # half the image at 0.7, touching the border on 3 sides
+    split = clean.copy()
+    split[4:12, 7:9] = 0.0  # two pieces of 8 x 3
+    s = prediction_signals(np.stack([clean, fuzzy, split]), np.array([0.9, 0.4, 0.8]))
+    assert s["separability"] == pytest.approx([1.0, 1.0, 1.0])  # each two-valued
+    assert s["decisiveness"] == pytest.approx([1.0, 0.4, 1.0])  # |2p - 1|
+    # log(0.001 + fuzzy pixels / mask pixels): none, then 256 / 128
+    assert s["uncertain_band"] == pytest.approx(np.log([1e-3, 2.001, 1e-3]), rel=1e-5)
+    assert s["largest_component"] == pytest.approx([1.0, 1.0, 0.5])
+    assert s["border_contact"] == pytest.approx([0.0, 30 / 60, 0.0])  # 8 + 14 + 8 of 60 ring cells
+    assert s["objectness"] == pytest.approx([0.9, 0.4, 0.8])
+    q = prediction_quality(np.stack([clean, fuzzy]), np.array([0.9, 0.4]))
+    assert ((q > 0) & (q < 1)).all() and q[0] > q[1] + 0.2  # the sure, inner mask ranks first

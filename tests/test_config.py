@@ -8,6 +8,7 @@ from autosod_ray.config import (
     PreviewConfig,
     PseudolabelConfig,
     ReportConfig,
+    SelfTrainConfig,
     TrainConfig,
     config_hash,
     load_config,
@@ -31,6 +32,7 @@ SHIPPED = {
     "preview": PreviewConfig,
     "report": ReportConfig,
     "export": ExportConfig,
+    "selftrain-cpu": SelfTrainConfig,
 }
 
 
@@ -40,6 +42,10 @@ def test_every_shipped_config_validates_as_its_job_reads_it():
         load_config(schema, REPO / "configs" / f"{name}.yaml")
     cpu = load_config(TrainConfig, REPO / "configs" / "train-cpu.yaml")
     assert cpu.optim.freeze_encoder and cpu.data.cache_tokens and cpu.backbone.image_size == 448
+    # self-training's students follow the laptop recipes: its sections are those files
+    rounds = load_config(SelfTrainConfig, REPO / "configs" / "selftrain-cpu.yaml")
+    assert rounds.train == cpu
+    assert rounds.predict == load_config(PredictConfig, REPO / "configs" / "predict-cpu.yaml")
 
 
 def test_paper_defaults_load():

@@ -78,6 +78,7 @@ def check_predictions(masks: pd.DataFrame, photos: Path) -> None:
         assert mask.shape == (h, w) == (row.height, row.width)
         assert set(np.unique(mask)) <= {0, 255}
         assert 0 <= row.confidence <= 1 and np.isnan(row.consistency_loss)
+        assert 0 < row.quality < 1  # the model's own estimate of its mask's IoU
     assert masks.backbone.str.startswith("autosod:").all()
 
 
@@ -171,8 +172,9 @@ def meta_sha(model: Path) -> str:
 
 
 def test_a_quality_filter_on_unscored_masks_names_the_fix(pseudo_masks, tmp_path):
-    """predict's masks have no `quality` (NaN): a quality filter says so instead of keeping
-    nothing for an unnamed reason; with some masks scored, only the scored ones count."""
+    """Masks without a `quality` (NaN: an older predict's): a quality filter says so
+    instead of keeping nothing for an unnamed reason; with some masks scored, only the
+    scored ones count."""
     from autosod_ray.config import DataSection
     from autosod_ray.data.training import quality_threshold, select_pseudo_masks
 
@@ -303,6 +305,106 @@ def test_train_on_cached_tokens_then_reuse_the_cache(
     # the cached rows need a frozen encoder
     with pytest.raises(ConfigError, match="freeze_encoder"):
         load_config(TrainConfig, None, ["data.cache_tokens=true", "optim.freeze_encoder=false"])
+
+
+def test_selftrain_rounds_chain_the_jobs_paths():
+    """Round k: student-(k-1) labels --input into labels-k, student-k trains on them; the
+    students share <output>/token_cache and the top-level storage."""
+    from autosod_ray.config import SelfTrainConfig
+    from autosod_ray.selftrain import round_configs
+
+    cfg = load_config(
+        SelfTrainConfig,
+        "configs/selftrain-cpu.yaml",
+        ["storage.endpoint_url=http://127.0.0.1:9", "rounds=2"],
+        {"input": "s3://b/images", "pseudo_masks": "s3://b/potnet", "output": "s3://b/self"},
+    )
+    none, first = round_configs(cfg, 0)
+    assert none is None and first.pseudo_masks == "s3://b/potnet"
+    assert first.output == "s3://b/self/student-0"
+    label, second = round_configs(cfg, 2)
+    assert (label.model, label.input, label.output) == (
+        "s3://b/self/student-1/model",
+        "s3://b/images",
+        "s3://b/self/labels-2",
+    )
+    assert (second.pseudo_masks, second.output) == ("s3://b/self/labels-2", "s3://b/self/student-2")
+    assert first.data.token_cache == second.data.token_cache == "s3://b/self/token_cache"
+    assert label.storage.endpoint_url == second.storage.endpoint_url == "http://127.0.0.1:9"
+    assert second.optim == first.optim and second.data.keep_top_fraction == 0.75  # one recipe
+
+
+def test_selftrain_rounds_relabel_then_train_on_the_students_surest_masks(
+    pseudo_masks, photos, tmp_path, ray_head, weights_path
+):
+    """jobs/selftrain.py: student-0 on POTNet's masks, student-0 relabels the photos with
+    its own quality, student-1 trains on the better half of those; the students share the
+    token cache; the same command again does nothing."""
+    out = tmp_path / "self"
+    args = ["--input", str(photos), "--pseudo-masks", str(pseudo_masks), "--output", str(out)]
+    tiny = {
+        "backbone.weights": weights_path,
+        "backbone.image_size": 112,
+        "model.num_queries": 5,
+        "model.decoder_layers": 2,
+        "model.width": 128,
+        "model.heads": 4,
+        "model.ffn_width": 256,
+        "optim.batch_size": 4,
+        "optim.max_steps": 3,
+        "optim.warmup_steps": 1,
+        "scaling.num_workers": 1,
+        "scaling.cpus_per_worker": 1,
+        "checkpoint.every_steps": 3,
+        "data.keep_top_fraction": 0.5,
+        "data.min_fg_fraction": 0.0,
+        "data.max_fg_fraction": 1.0,
+    }
+    sets = [f"train.{k}={v}" for k, v in tiny.items()]
+    sets += ["predict.pipeline.pool_max=1", "predict.pipeline.pool_min=1"]
+    args += [a for kv in sets for a in ("--set", kv)]
+    env = job_env(RAY_ADDRESS=ray_head["address"])
+    res = run_script("jobs/selftrain.py", args, env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    summary = json.loads((out / "selftrain.json").read_text())
+    assert [(s["round"], s["job"], s["status"]) for s in summary["steps"]] == [
+        (0, "train", "complete"),
+        (1, "predict", "complete"),
+        (1, "train", "complete"),
+    ]
+    assert summary["model"] == str(out / "student-1" / "model")
+    labels = pd.read_parquet(out / "labels-1" / "masks")
+    check_predictions(labels, photos)
+    first = json.loads((out / "student-0" / "train.json").read_text())
+    second = json.loads((out / "student-1" / "train.json").read_text())
+    assert json.loads((out / "labels-1" / "run.json").read_text())["provenance"]["model"][
+        "sha256"
+    ] == meta_sha(out / "student-0" / "model")  # labelled by student-0
+    best = set(labels.sort_values("quality", ascending=False).image_id[: N_IMAGES // 2])
+    assert second["pseudo_masks"]["kept"] == N_IMAGES // 2
+    assert second["pseudo_masks"]["min_quality"] == pytest.approx(
+        labels.quality.sort_values().iloc[N_IMAGES // 2]
+    )
+    assert second["provenance"]["pseudo_masks"]["uri"].startswith(str(out / "labels-1"))
+    # one token cache: student-1 encodes only the images student-0 did not train on
+    potnet = pd.read_parquet(pseudo_masks / "masks").sort_values("quality", ascending=False)
+    kept0 = set(potnet.image_id[: N_IMAGES // 2])  # student-0's images (POTNet's best half)
+    cache0, cache1 = first["token_cache"], second["token_cache"]
+    assert cache0["location"] == cache1["location"] == str(out / "token_cache" / cache0[
+        "location"].rsplit("/", 1)[1])  # fmt: skip
+    assert cache0["encoded"] == N_IMAGES and cache1["rows"] == N_IMAGES
+    assert cache1["reused"] == 2 * len(best & kept0)  # each image and its mirror
+    assert cache1["encoded"] == 2 * len(best - kept0)
+    # the same command again: every step is complete, nothing is trained or labelled again
+    res = run_script("jobs/selftrain.py", args, env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    again = json.loads((out / "selftrain.json").read_text())
+    statuses = [s["status"] for s in again["steps"]]
+    assert statuses == ["already complete", "complete", "already complete"]
+    assert again["steps"][1]["labelled"] == N_IMAGES and "selftrain complete" in res.stdout
+    # the rounds' own paths are not settable: the job names the keys and what to give
+    res = run_script("jobs/selftrain.py", [*args, "--set", "train.output=elsewhere"], env)
+    assert res.returncode == 2 and "train.output" in res.stderr and "--output" in res.stderr
 
 
 def test_training_pairs_key_masks_by_the_image_they_were_made_of(pseudo_masks, photos, tmp_path):

@@ -40,7 +40,7 @@ def masks_folder(uri: str, storage_options: dict) -> tuple[object, str]:
 def quality_threshold(quality: np.ndarray, min_quality: float, keep_top_fraction: float) -> float:
     """The lowest `quality` a pseudo-mask may have to train: at least `min_quality`, and
     high enough that about `keep_top_fraction` of the masks (the best) remain. Masks
-    without a score (NaN: predict's masks) neither count nor pass."""
+    without a score (NaN: an older predict's masks) neither count nor pass."""
     q = np.asarray(quality, np.float64)
     q = np.sort(q[np.isfinite(q)])
     threshold = min_quality
@@ -136,7 +136,8 @@ def select_pseudo_masks(uri: str, storage_options: dict, data: DataSection) -> T
         quality = table.column("quality").to_numpy(zero_copy_only=False).astype(np.float64)
         if keep.any() and not np.isfinite(quality[keep]).any():
             raise InputError(
-                f"--pseudo-masks {uri!r}: no mask has a `quality` score (predict writes NaN), "
+                f"--pseudo-masks {uri!r}: no mask has a `quality` score (NaN: masks "
+                "of an older predict, which wrote none), "
                 "so data.min_quality / keep_top_fraction can keep none; set "
                 "data.min_quality=0 and data.keep_top_fraction=1 to train on them all"
             )

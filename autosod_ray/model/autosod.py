@@ -147,9 +147,12 @@ class AutoSOD(nn.Module):
         return AutoSODOutput(torch.stack(masks), torch.stack(objectness))
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """B x S x S x 3 uint8 -> (B x 2h x 2w mask probability of the best query, B objectness)."""
-        out = self.forward(images)
+    def predict(
+        self, images: torch.Tensor | None = None, *, tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """B x S x S x 3 uint8 (or their encoder tokens) -> (B x 2h x 2w mask probability
+        of the best query, B objectness)."""
+        out = self.forward(images, tokens=tokens)
         logits, obj = out.mask_logits[-1].float(), out.objectness_logits[-1].float().sigmoid()
         best = obj.argmax(dim=1)  # the highest-objectness query
         rows = torch.arange(logits.shape[0], device=logits.device)

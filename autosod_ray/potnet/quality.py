@@ -7,6 +7,8 @@ score in (0, 1), higher = better.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
@@ -94,28 +96,45 @@ def transport_signals(
     }
 
 
-# quality = sigmoid(intercept + sum_s weight_s * signal_s), an estimate of the mask's IoU with a
-# human mask. Fit on ECSSD's 1000 images with the default config (benchmarks/fit_quality.py: a
-# ridge regression of IoU's rank normal scores on the standardised signals, then a sigmoid
+@dataclass(frozen=True)
+class QualityScore:
+    """quality = sigmoid(intercept + sum_s weight_s * signal_s): an estimate of a mask's IoU
+    with a human mask, from named per-image signals (benchmarks/fit_quality.py fits it)."""
+
+    signals: tuple[str, ...]
+    intercept: float
+    weights: tuple[float, ...]
+
+    def __call__(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        """Signals by name, each B -> B quality in (0, 1), higher = better."""
+        z = self.intercept + sum(
+            w * np.asarray(values[name], np.float64)
+            for name, w in zip(self.signals, self.weights, strict=True)
+        )
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+
+# POTNet's score. Fit on ECSSD's 1000 images with the default config (benchmarks/fit_quality.py:
+# a ridge regression of IoU's rank normal scores on the standardised signals, then a sigmoid
 # calibration to IoU). Held-out folds, each scored by a model fit on the other four: Spearman
 # with IoU 0.683, calibration error 0.008 (README "Quality").
-QUALITY_SIGNALS = (
-    "separability",
-    "largest_component",
-    "seed_agreement",
-    "attention_inside",
-    "border_contact",
-    "size_vs_attention",
-    "log_ot_iterations",
-    "confidence",
+POTNET_QUALITY = QualityScore(
+    signals=(
+        "separability",
+        "largest_component",
+        "seed_agreement",
+        "attention_inside",
+        "border_contact",
+        "size_vs_attention",
+        "log_ot_iterations",
+        "confidence",
+    ),
+    intercept=-5.8957,
+    weights=(3.535, 0.7948, 0.5143, 1.577, -1.4802, -0.1279, 0.582, -0.7184),
 )
-QUALITY_INTERCEPT = -5.8957
-QUALITY_WEIGHTS = (3.535, 0.7948, 0.5143, 1.577, -1.4802, -0.1279, 0.582, -0.7184)
+QUALITY_SIGNALS = POTNET_QUALITY.signals
 
 
 def quality_score(signals: dict[str, np.ndarray]) -> np.ndarray:
-    """`quality_signals` -> B quality in (0, 1), higher = better."""
-    z = QUALITY_INTERCEPT + sum(
-        w * signals[name] for name, w in zip(QUALITY_SIGNALS, QUALITY_WEIGHTS, strict=True)
-    )
-    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+    """`quality_signals` + `transport_signals` -> B POTNet quality in (0, 1), higher = better."""
+    return POTNET_QUALITY(signals)
