@@ -17,10 +17,18 @@ def main() -> int:
     p.add_argument("--rounds", type=int, help="relabel-and-retrain rounds after the first student")
     add_force_unlock(p)
     args = p.parse_args()
+    from autosod_ray.pseudolabel import print_summary
     from autosod_ray.selftrain import print_selftrain_summary, run_selftrain
+    from autosod_ray.train.run import print_train_summary
+
+    def print_step(job: str, summary: dict) -> None:  # each step's own summary, as it ends
+        if job == "predict":
+            print_summary(summary, job="predict")
+        else:
+            print_train_summary(summary)
 
     keys = ("input", "pseudo_masks", "output", "rounds", "force_unlock")
-    summary = run_selftrain(load_job_config(SelfTrainConfig, args, keys))
+    summary = run_selftrain(load_job_config(SelfTrainConfig, args, keys), on_step=print_step)
     print_selftrain_summary(summary)
     return exit_code(summary)
 
