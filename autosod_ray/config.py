@@ -641,6 +641,11 @@ class SelfTrainConfig(Section):
     force_unlock: bool = Field(
         False, description="Take each step's lease from a run that looks alive (if it is dead)."
     )
+    overwrite: bool = Field(
+        False,
+        description="Replace a step's output made from other inputs or settings (a student "
+        "retrained on changed masks, labels of a changed student).",
+    )
     train: TrainConfig = TrainConfig()
     predict: PredictConfig = PredictConfig()
     storage: StorageConfig = Field(
@@ -652,16 +657,17 @@ class SelfTrainConfig(Section):
         given = [
             f"{section}.{key}"
             for section, keys in (
-                ("train", ("pseudo_masks", "output", "storage")),
-                ("predict", ("model", "input", "output", "storage")),
+                ("train", ("pseudo_masks", "output", "storage", "force_unlock", "overwrite")),
+                ("predict", ("model", "input", "output", "storage", "force_unlock", "overwrite")),
             )
             for key in keys
             if key in getattr(self, section).model_fields_set
         ]
         if given:
             raise ValueError(
-                f"{', '.join(given)}: each round sets these (its paths under --output, "
-                "the top-level storage); give --input, --pseudo-masks, --output and storage"
+                f"{', '.join(given)}: each round sets these (its paths under --output, the "
+                "top-level storage, force_unlock and overwrite); give --input, --pseudo-masks, "
+                "--output and those top-level keys instead"
             )
         return self
 

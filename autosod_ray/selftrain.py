@@ -19,7 +19,7 @@ import posixpath
 
 from .config import SelfTrainConfig
 from .data.uris import InputError, absolute, open_fs
-from .endings import EXIT_CODES
+from .endings import EXIT_CODES, ending_of
 from .predict import run_predict
 from .train.run import run_train
 
@@ -41,7 +41,7 @@ def round_configs(cfg: SelfTrainConfig, k: int):
     data = cfg.train.data
     if data.cache_tokens and not data.token_cache:
         data = data.model_copy(update={"token_cache": posixpath.join(out, "token_cache")})
-    common = {"force_unlock": cfg.force_unlock, "storage": cfg.storage}
+    common = {"force_unlock": cfg.force_unlock, "overwrite": cfg.overwrite, "storage": cfg.storage}
     predict = None
     masks = cfg.pseudo_masks
     if k > 0:
@@ -62,7 +62,8 @@ def round_configs(cfg: SelfTrainConfig, k: int):
 
 def run_selftrain(cfg: SelfTrainConfig, on_step=None) -> dict:
     """Run (or resume) every round; returns the summary (also <output>/selftrain.json).
-    A step that does not end complete stops the rounds: its status is the run's."""
+    A step that does not end complete stops the rounds: its status is the run's; a step
+    that raises is recorded in selftrain.json (status, reason, the step) and re-raised."""
     if not cfg.input or not cfg.pseudo_masks or not cfg.output:
         raise InputError("--input, --pseudo-masks and --output are all required")
     cfg = cfg.model_copy(
@@ -78,17 +79,34 @@ def run_selftrain(cfg: SelfTrainConfig, on_step=None) -> dict:
         for job, step in zip(("predict", "train"), round_configs(cfg, k), strict=True)
         if step is not None
     ]
-    steps, status = [], "complete"
-    for k, job, step in plan:
-        summary = (run_predict if job == "predict" else run_train)(step)
-        steps.append({"round": k, "job": job, "output": step.output, "summary": summary})
-        if on_step is not None:
-            on_step(job, summary)
-        if EXIT_CODES[summary["status"]] != 0:
-            status = summary["status"]
-            break
-    result = {
+    steps, status, reason = [], "complete", None
+    try:
+        for k, job, step in plan:
+            summary = (run_predict if job == "predict" else run_train)(step)
+            steps.append({"round": k, "job": job, "output": step.output, "summary": summary})
+            if on_step is not None:
+                on_step(job, summary)
+            if EXIT_CODES[summary["status"]] != 0:
+                status = summary["status"]
+                break
+    except BaseException as err:  # a step that raised: recorded, then raised as before
+        ending = ending_of(err)
+        status, reason = ending.status, ending.reason
+        write_summary(cfg, summarise(cfg, steps, status, reason, plan[len(steps)]))
+        raise
+    result = summarise(cfg, steps, status, reason)
+    write_summary(cfg, result)
+    return result
+
+
+def summarise(cfg: SelfTrainConfig, steps: list, status: str, reason, stopped_at=None) -> dict:
+    """selftrain.json: how the run ended, each step's figures, the model to use."""
+    return {
         "status": status,
+        "reason": reason,
+        "stopped_at": None
+        if stopped_at is None
+        else {"round": stopped_at[0], "job": stopped_at[1], "output": stopped_at[2].output},
         "rounds": cfg.rounds,
         "model": posixpath.join(student_dir(cfg.output, cfg.rounds), "model")
         if status == "complete"
@@ -105,9 +123,12 @@ def run_selftrain(cfg: SelfTrainConfig, on_step=None) -> dict:
         ],
         "config": cfg.model_dump(mode="json"),
     }
+
+
+def write_summary(cfg: SelfTrainConfig, result: dict) -> None:
     fs, root = open_fs(cfg.output, cfg.storage.options(cfg.output))
+    fs.makedirs(root, exist_ok=True)
     fs.pipe_file(posixpath.join(root, SUMMARY), json.dumps(result, indent=2).encode())
-    return result
 
 
 def step_figures(job: str, summary: dict) -> dict:

@@ -10,10 +10,12 @@ image's encoder tokens are computed once, under <token-cache>/<encoder digest>/,
 and every model's decoder runs on them, so comparing the students of several
 self-training rounds costs one encoder pass. The digest hashes the encoder's
 weights as loaded from each model folder, so a model with another (or a
-fine-tuned) encoder gets its own tokens. The images are prepared as the predict
-job prepares them (decode, square resize, the model's threshold at the image's
-own size; tests/test_autosod.py checks the decoder on an image's tokens predicts
-what the model predicts on the image).
+fine-tuned) encoder gets its own tokens; a token file is named by the image's
+stem, so give each image set its own --token-cache. Tokens are stored as
+float16, as the training's token cache stores them (predict runs on fp32). The
+images are prepared as the predict job prepares them (decode, square resize,
+the model's threshold at the image's own size; tests/test_autosod.py checks the
+decoder on an image's tokens predicts what the model predicts on the image).
 
 `--teacher-masks DIR` (DIR/binary/<stem>.png, as `benchmarks/quality.py
 --save-masks` writes POTNet's) adds `agreement`: the IoU of each student mask

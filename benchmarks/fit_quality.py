@@ -22,7 +22,9 @@ Spearman with IoU, calibration error (mean |mean quality - mean IoU| over
 deciles of quality) and the mean IoU of the best 10% / 25% / 50% by quality.
 The last lines fit all folds: the coefficients to ship.
 
-The signals are fixed in advance (the shipped score's), not chosen on ECSSD; POTNet's:
+The signals are fixed in advance (the shipped score's). POTNet's were not chosen on
+ECSSD; predict's two were chosen on folds 0-1 (model/quality.py), so read its
+folds 2-4. POTNet's:
 `fg_fraction` and `consistency_loss` are left out because their correlation
 with IoU changes sign between ECSSD and a held-out set of cluttered scenes
 (+0.06 / -0.16 here, -0.31 / -0.40 there), so they describe the dataset more
@@ -113,8 +115,13 @@ def load(per_image: str, variant: str, n_folds: int, agreement: str | None = Non
     frame = pd.read_parquet(per_image)
     frame = frame[frame.variant == variant].sort_values("stem")
     if agreement:  # a student's agreement with these masks, by stem (autosod_quality.py)
-        theirs = pd.read_parquet(agreement, columns=["stem", "agreement"])
-        frame = frame.merge(theirs.rename(columns={"agreement": "signal_agreement"}), on="stem")
+        theirs = pd.read_parquet(agreement, columns=["variant", "stem", "agreement"])
+        if theirs.variant.nunique() != 1:
+            raise SystemExit(f"--agreement {agreement}: rows of several models; give one")
+        theirs = theirs.drop(columns="variant").rename(columns={"agreement": "signal_agreement"})
+        frame = frame.merge(theirs, on="stem", how="inner", validate="one_to_one")
+        if frame.signal_agreement.isna().any() or len(frame) != len(theirs):
+            raise SystemExit(f"--agreement {agreement}: not the same images as --per-image")
     if "fold" not in frame:
         frame["fold"] = fold_of(frame.stem, n_folds)
     signals = {

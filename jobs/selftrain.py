@@ -15,6 +15,12 @@ def main() -> int:
     p.add_argument("--pseudo-masks", help="POTNet's pseudolabel output: the first student's labels")
     p.add_argument("--output", help="folder or URI for student-<k>/, labels-<k>/, selftrain.json")
     p.add_argument("--rounds", type=int, help="relabel-and-retrain rounds after the first student")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a step's output made from other inputs or settings (e.g. after a change "
+        "to the pseudo-masks or the recipe)",
+    )
     add_force_unlock(p)
     args = p.parse_args()
     from autosod_ray.pseudolabel import print_summary
@@ -27,7 +33,7 @@ def main() -> int:
         else:
             print_train_summary(summary)
 
-    keys = ("input", "pseudo_masks", "output", "rounds", "force_unlock")
+    keys = ("input", "pseudo_masks", "output", "rounds", "overwrite", "force_unlock")
     summary = run_selftrain(load_job_config(SelfTrainConfig, args, keys), on_step=print_step)
     print_selftrain_summary(summary)
     return exit_code(summary)

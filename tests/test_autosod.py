@@ -225,5 +225,8 @@ def test_prediction_signals_hand_checked():
     assert s["largest_component"] == pytest.approx([1.0, 1.0, 0.5])
     assert s["border_contact"] == pytest.approx([0.0, 30 / 60, 0.0])  # 8 + 14 + 8 of 60 ring cells
     assert s["objectness"] == pytest.approx([0.9, 0.4, 0.8])
-    q = prediction_quality(np.stack([clean, fuzzy]), np.array([0.9, 0.4]))
-    assert ((q > 0) & (q < 1)).all() and q[0] > q[1] + 0.2  # the sure, inner mask ranks first
+    q = prediction_quality(
+        np.stack([clean, fuzzy, np.zeros_like(clean)]), np.array([0.9, 0.4, 0.9])
+    )
+    assert ((q[:2] > 0) & (q[:2] < 1)).all() and q[0] > q[1] + 0.2  # the sure mask ranks first
+    assert q[2] == 0.0  # an empty mask: no object found, IoU 0 with any object's mask

@@ -64,7 +64,8 @@ PREDICTION_SIGNAL_NAMES = (
 # on POTNet's masks of ../shared/data/unlabeled): benchmarks/autosod_quality.py, then
 # benchmarks/fit_quality.py --score autosod. The two signals were chosen on folds 0-1: the
 # others add nothing there (the maps are nearly binary, so separability and decisiveness
-# saturate; objectness is all but constant). Held-out folds: README "Quality of predict's masks".
+# saturate; objectness is all but constant). Held-out folds: README, "Train and predict",
+# "Quality of predict's masks".
 PREDICTION_QUALITY = QualityScore(
     signals=("uncertain_band", "largest_component"),
     intercept=-3.2250,
@@ -73,5 +74,10 @@ PREDICTION_QUALITY = QualityScore(
 
 
 def prediction_quality(prob: np.ndarray, objectness: np.ndarray, threshold: float = 0.5):
-    """B x H x W mask probability + B objectness -> B quality in (0, 1), higher = better."""
-    return PREDICTION_QUALITY(prediction_signals(prob, objectness, threshold))
+    """B x H x W mask probability + B objectness -> B quality in [0, 1), higher = better. An
+    empty mask scores 0: its IoU with a human mask of any object is 0 (the signals, made
+    for a mask, would read it as a clean one)."""
+    prob = np.asarray(prob, np.float32)
+    quality = PREDICTION_QUALITY(prediction_signals(prob, objectness, threshold))
+    empty = ~(prob > threshold).reshape(len(prob), -1).any(axis=1)
+    return np.where(empty, np.float32(0.0), quality).astype(np.float32)
