@@ -10,10 +10,13 @@ as the first round kept the teacher's.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
-from ..potnet.boundary import border_patches
-from ..potnet.quality import QualityScore, separability
+from ..potnet.quality import (
+    QualityScore,
+    border_contact,
+    largest_component_share,
+    separability,
+)
 
 
 def prediction_signals(
@@ -34,16 +37,14 @@ def prediction_signals(
     rows = []
     for p, o in zip(np.asarray(prob, np.float32), np.asarray(objectness, np.float32), strict=True):
         mask = p > threshold
-        labels, count = ndimage.label(mask)
-        largest = np.bincount(labels.ravel())[1:].max() if count else 0
         area = max(int(mask.sum()), 1)
         rows.append(
             (
                 separability(p),
                 float(np.abs(2.0 * p - 1.0).mean()),
                 float(np.log(1e-3 + ((p > 0.1) & (p < 0.9)).sum() / area)),
-                float(largest / area),
-                float(mask.ravel()[border_patches(*mask.shape)].mean()),
+                largest_component_share(mask),
+                border_contact(mask),
                 float(o),
             )
         )

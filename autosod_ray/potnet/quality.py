@@ -35,6 +35,18 @@ def separability(values: np.ndarray) -> float:
     return float(w0 * w1 * (lo.mean() - hi.mean()) ** 2 / var)
 
 
+def largest_component_share(mask: np.ndarray) -> float:
+    """The share of a boolean mask's pixels in its largest 4-connected piece (0 if empty)."""
+    labels, count = ndimage.label(mask)
+    largest = np.bincount(labels.ravel())[1:].max() if count else 0
+    return float(largest / max(int(mask.sum()), 1))
+
+
+def border_contact(mask: np.ndarray) -> float:
+    """The share of a boolean map's outer ring inside the mask."""
+    return float(mask.ravel()[border_patches(*mask.shape)].mean())
+
+
 def quality_signals(
     saliency: np.ndarray, seed_cam: np.ndarray, cls_attention: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -56,16 +68,14 @@ def quality_signals(
     rows = []
     for s, c, a in zip(saliency, seed_cam, cls_attention, strict=True):
         mask = s > otsu_threshold(s)
-        labels, count = ndimage.label(mask)
-        largest = np.bincount(labels.ravel())[1:].max() if count else 0
         attended = max(int((a > otsu_threshold(a)).sum()), 1)
         rows.append(
             (
                 separability(s),
-                float(largest / max(mask.sum(), 1)),
+                largest_component_share(mask),
                 _iou(mask, c > otsu_threshold(c)),
                 float((a * mask).sum() / max(a.sum(), 1e-12)),
-                float(mask.ravel()[border_patches(*mask.shape)].mean()),
+                border_contact(mask),
                 float(mask.mean()),
                 float(np.clip(np.log2(max(mask.sum(), 1) / attended), -3, 3)),
             )
