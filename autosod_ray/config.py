@@ -296,6 +296,33 @@ class PipelineConfig(Section):
         return self
 
 
+class RefineSection(Section):
+    """Edge-aware refinement of each mask before it is cut at its image's size
+    (autosod_ray/edge_refine.py): predict's default; a pseudolabel option."""
+
+    method: Literal["guided", "none"] = Field(
+        "guided",
+        description="guided: the guided filter moves the mask's edges onto the image's; "
+        "none: the grid's map, upsampled.",
+    )
+    radius: float = Field(
+        1 / 32,
+        gt=0,
+        le=0.25,
+        description="Filter window half-width, as a share of the input side (1/32: 14 px at "
+        "448, two cells of AutoSOD's 64 x 64 grid, one of POTNet's 32 x 32 patches).",
+    )
+    eps: float = Field(1e-3, gt=0, description="Colour variance below which a window is flat.")
+
+
+class PseudolabelRefineSection(RefineSection):
+    """pseudolabel's refinement: the same filter, off unless asked for."""
+
+    method: Literal["guided", "none"] = Field(
+        "none", description=RefineSection.model_fields["method"].description
+    )
+
+
 class PseudolabelConfig(Section):
     """`jobs/pseudolabel.py`: label a dataset into Parquet shards."""
 
@@ -309,6 +336,7 @@ class PseudolabelConfig(Section):
     report: bool = Field(True, description="Write <output>/report.html at the end of the run.")
     backbone: BackboneConfig = BackboneConfig()
     potnet: POTNetConfig = POTNetConfig()
+    refine: PseudolabelRefineSection = PseudolabelRefineSection()
     pipeline: PipelineConfig = PipelineConfig()
     storage: StorageConfig = StorageConfig()
 
@@ -316,11 +344,14 @@ class PseudolabelConfig(Section):
         """What decides the masks, hashed into `config_hash`: the backbone (the weights by
         their content, not their path; not the device it runs on) and the parameters
         POTNet runs on; not resources, paths or input guards (max_pixels)."""
-        return {
+        settings = {
             "backbone": self.backbone.model_dump(mode="json", exclude={"device", "weights"}),
             "weights_sha256": weights_sha256,
             "potnet": dataclasses.asdict(self.potnet.params()),
         }
+        if self.refine.method != "none":  # (absent when off: earlier outputs keep their hash)
+            settings["refine"] = self.refine.model_dump(mode="json")
+        return settings
 
 
 class EvaluateConfig(Section):
@@ -621,6 +652,7 @@ class PredictConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Refuse larger images (bombs).")
+    refine: RefineSection = RefineSection()
     pipeline: PipelineConfig = PipelineConfig()
     storage: StorageConfig = StorageConfig()
 

@@ -4,7 +4,8 @@ The same pipeline as pseudolabel (list, read, decode, model actors, encode,
 Parquet with masks/ errors/ run.json, resume), with the trained network in the
 actor stage. `confidence` is the chosen query's objectness; `quality` is the
 model's own estimate of the mask's IoU (model/quality.py); `consistency_loss` is
-NaN (a POTNet quantity).
+NaN (a POTNet quantity). `refine` (default: the guided filter, edge_refine.py)
+moves each mask's edges onto the image's before the mask is cut at its size.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 from .backbone import snap_to_patch
 from .config import PredictConfig
 from .data.uris import InputError, absolute
+from .edge_refine import REFINEMENTS
 from .model.inference import AutoSODPredictor, load_model, threshold_at_size
 from .model.quality import prediction_quality
 from .pseudolabel import Labelling, run_labelling
@@ -32,11 +34,13 @@ class _Predictor:
         )
 
         threshold = predictor.meta["model"]["threshold"]
+        refine = REFINEMENTS[cfg.refine.method]
+        window = {"radius": cfg.refine.radius, "eps": cfg.refine.eps}
 
         def label(images):
             prob, objectness = predictor(images)
-            quality = prediction_quality(prob, objectness, threshold)
-            return prob, {"confidence": objectness, "quality": quality}
+            quality = prediction_quality(prob, objectness, threshold, cfg.refine.method)
+            return refine(prob, images, **window), {"confidence": objectness, "quality": quality}
 
         return label
 
@@ -51,7 +55,11 @@ def predict_labelling(cfg: PredictConfig) -> Labelling:
         model_factory=_Predictor(cfg),
         to_masks=functools.partial(threshold_at_size, threshold=meta["model"]["threshold"]),
         model_name=f"autosod:{meta['backbone']['name']}",
-        settings={"model_sha256": meta["sha256"], "threshold": meta["model"]["threshold"]},
+        settings={
+            "model_sha256": meta["sha256"],
+            "threshold": meta["model"]["threshold"],
+            "refine": cfg.refine.model_dump(mode="json"),
+        },
         provenance={
             "model": {"uri": cfg.model, "sha256": meta["sha256"], "steps": meta.get("steps")},
             "trained_on": meta.get("trained_on"),

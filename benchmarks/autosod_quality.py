@@ -2,8 +2,8 @@
 metrics per fold, and the per-image signals of predict's `quality` (model/quality.py).
 
     python benchmarks/autosod_quality.py --model [NAME=]DIR [--model ...] --images DIR \
-        --masks DIR --token-cache DIR [--teacher-masks DIR] [--limit N] [--per-image FILE] \
-        [--json FILE]
+        --masks DIR --token-cache DIR [--teacher-masks DIR] [--refine guided|none] \
+        [--limit N] [--per-image FILE] [--json FILE]
 
 Models trained with a frozen encoder (configs/train-cpu.yaml) share it: each
 image's encoder tokens are computed once, under <token-cache>/<encoder digest>/,
@@ -14,6 +14,7 @@ fine-tuned) encoder gets its own tokens; a token file is named by the image's
 stem, so give each image set its own --token-cache. Tokens are stored as
 float16, as the training's token cache stores them (predict runs on fp32). The
 images are prepared as the predict job prepares them (decode, square resize,
+predict's `refine` (default guided, `--refine none` for the model's grid as it is),
 the model's threshold at the image's own size; tests/test_autosod.py checks the
 decoder on an image's tokens predicts what the model predicts on the image).
 
@@ -42,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from folds import fold_of  # noqa: E402
 from quality import PER_IMAGE_METRICS, image_mask_pairs, summarise  # noqa: E402
 
+from autosod_ray.config import RefineSection  # noqa: E402
 from autosod_ray.data.images import decode_image, resize_square  # noqa: E402
+from autosod_ray.edge_refine import REFINEMENTS  # noqa: E402
 from autosod_ray.metrics import image_metrics, iou  # noqa: E402
 from autosod_ray.model.inference import load_model, threshold_at_size  # noqa: E402
 from autosod_ray.model.quality import prediction_quality, prediction_signals  # noqa: E402
@@ -81,10 +84,19 @@ def fill_tokens(model, images: list[Path], folder: Path, batch: int = 8) -> floa
 
 
 def score_model(
-    name: str, model, meta: dict, pairs, folder: Path, teacher: Path | None = None, batch: int = 16
+    name: str,
+    model,
+    meta: dict,
+    pairs,
+    folder: Path,
+    teacher: Path | None = None,
+    batch: int = 16,
+    refine: str = "guided",
 ):
-    """One model's decoder over the cached tokens -> (per-image rows, decoder seconds)."""
+    """One model's decoder over the cached tokens -> (per-image rows, decoder seconds);
+    each mask refined as predict's `refine.method` does (RefineSection's defaults)."""
     threshold = meta["model"]["threshold"]
+    window = RefineSection(method=refine).model_dump(exclude={"method"})
     rows, seconds = [], 0.0
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
@@ -94,10 +106,12 @@ def score_model(
         prob, obj = prob.numpy(), obj.numpy()
         seconds += time.perf_counter() - t0
         signals = prediction_signals(prob, obj, threshold)
-        quality = prediction_quality(prob, obj, threshold)
+        quality = prediction_quality(prob, obj, threshold, refine)
         for i, (image, gt_path) in enumerate(chunk):
             gt = np.asarray(Image.open(gt_path).convert("L")) > 127
-            soft, binary = threshold_at_size(prob[i], *gt.shape, threshold=threshold)
+            seen = resize_square(decode_image(image.read_bytes(), 1 << 30), model.image_size)
+            mask = REFINEMENTS[refine](prob[i : i + 1], seen[None], **window)[0]
+            soft, binary = threshold_at_size(mask, *gt.shape, threshold=threshold)
             m = image_metrics(soft, gt, binary)
             row = {"variant": name, "stem": image.stem, **{k: m[k] for k in PER_IMAGE_METRICS}}
             row.update(F_curve=m["F_curve"], E_curve=m["E_curve"], adpF=m["adpF"], adpE=m["adpE"])
@@ -126,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--masks", type=Path, required=True)
     p.add_argument("--token-cache", type=Path, required=True)
     p.add_argument("--teacher-masks", type=Path, help="DIR/binary/<stem>.png: agreement")
+    p.add_argument("--refine", choices=sorted(REFINEMENTS), default="guided",
+                   help="predict's refine.method (default: predict's default, guided)")  # fmt: skip
     p.add_argument("--limit", type=int)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--per-image")
@@ -139,7 +155,9 @@ def main(argv=None) -> int:
         model, meta = load_model(str(Path(uri).resolve()), {})
         folder = args.token_cache / encoder_digest(model)
         encode_s = fill_tokens(model, [im for im, _ in pairs], folder)
-        mine, decode_s = score_model(name, model, meta, pairs, folder, args.teacher_masks)
+        mine, decode_s = score_model(
+            name, model, meta, pairs, folder, args.teacher_masks, refine=args.refine
+        )
         for r in mine:
             r["fold"] = int(fold[r["stem"]])
         rows += mine
@@ -147,6 +165,7 @@ def main(argv=None) -> int:
             "model": uri,
             "model_sha256": meta["sha256"],
             "trained_on": meta.get("trained_on"),
+            "refine": args.refine,
             **summarise(mine),
             "folds": [summarise([r for r in mine if r["fold"] == f]) for f in range(args.folds)],
             "encoder_s_per_image_this_run": encode_s / len(pairs),

@@ -1,7 +1,7 @@
 """Fit a per-mask `quality` score, every choice inside the folds.
 
     python benchmarks/fit_quality.py --per-image FILE.parquet [--score potnet|autosod] \
-        [--variant NAME] [--folds 5]
+        [--variant NAME] [--folds 5] [--refine guided|none] [--shipped]
 
 Reads the per-image rows (the `signal_*` columns, IoU and fold of one variant) of
 `benchmarks/quality.py --per-image` for POTNet's score, or of
@@ -52,7 +52,7 @@ from autosod_ray.potnet.quality import POTNET_QUALITY  # noqa: E402
 # the score each labeller ships, and where: its signals are fixed in advance
 SCORES = {
     "potnet": (POTNET_QUALITY, "autosod_ray/potnet/quality.py", "POTNet (this config)"),
-    "autosod": (PREDICTION_QUALITY, "autosod_ray/model/quality.py", None),
+    "autosod": (PREDICTION_QUALITY["guided"], "autosod_ray/model/quality.py", None),  # --refine
 }
 
 
@@ -150,8 +150,17 @@ def main(argv=None) -> int:
     p.add_argument(
         "--agreement", help="per-image rows of autosod_quality.py --teacher-masks: + agreement"
     )
+    p.add_argument(
+        "--refine",
+        choices=sorted(PREDICTION_QUALITY),
+        default="guided",
+        help="--score autosod: the refine.method whose shipped fit --shipped applies",
+    )
+    p.add_argument("--shipped", action="store_true", help="the shipped score as it is: no fit")
     args = p.parse_args(argv)
     score, module, variant = SCORES[args.score]
+    if args.score == "autosod":
+        score = PREDICTION_QUALITY[args.refine]
     variant = (
         args.variant
         or variant
@@ -164,6 +173,10 @@ def main(argv=None) -> int:
     for name, v in signals.items():
         print(f"  {name:<20} Spearman with IoU {spearmanr(v, y)[0]:+.3f}")
     x = np.column_stack([signals[n] for n in names])
+    if args.shipped:  # no fit: the score as it ships, on rows it may never have seen
+        shipped = score({n: signals[n] for n in score.signals})
+        print(describe(f"shipped {module} score, as it is", shipped, y))
+        return 0
     quality = held_out(x, y, folds)
     print(f"held-out folds (each scored by a model fit on the others), signals {names}:")
     for f in np.unique(folds):

@@ -33,11 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from feature_cache import cached_batches, fill_cache  # noqa: E402
 from folds import fold_of  # noqa: E402
 
+from autosod_ray.backbone import vit_geometry  # noqa: E402
 from autosod_ray.config import POTNetConfig, PseudolabelConfig, load_config  # noqa: E402
 from autosod_ray.data.images import IMAGE_EXTENSIONS, decode_image, resize_square  # noqa: E402
+from autosod_ray.edge_refine import REFINEMENTS  # noqa: E402
 from autosod_ray.metrics import MetricMeans, image_metrics  # noqa: E402
 from autosod_ray.potnet import PatchFeatures, POTNet  # noqa: E402
 from autosod_ray.potnet.baseline import NcutBaseline  # noqa: E402
+from autosod_ray.potnet.mask import mask_at_size  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "potnet.yaml"
 PER_IMAGE_METRICS = ("IoU", "MAE", "Sm", "wF")
@@ -92,15 +95,25 @@ def build_labellers(table: dict[str, object], seed_tau: float) -> dict[str, obje
     }
 
 
-def score_batch(labellers, feats: PatchFeatures, gts, sizes, stems, save=None) -> tuple[list, dict]:
-    """Every labeller on one batch of features -> (per-image rows, seconds per labeller)."""
+def score_batch(
+    labellers, feats: PatchFeatures, gts, sizes, stems, save=None, squares=None, refine=None
+) -> tuple[list, dict]:
+    """Every labeller on one batch of features -> (per-image rows, seconds per labeller).
+    With `refine` (the config's refine section, as a dict, method not none) POTNet's maps
+    are refined on `squares` (the B x S x S x 3 images the features are of), as the
+    pseudolabel job's actors refine them."""
     rows, seconds = [], {}
     for name, labeller in labellers.items():
         t0 = time.perf_counter()
         out = labeller(feats)
-        masks = out.masks(sizes)
-        seconds[name] = time.perf_counter() - t0
         potnet = isinstance(labeller, POTNet)
+        if potnet and refine:
+            method, window = refine["method"], {k: v for k, v in refine.items() if k != "method"}
+            refined = REFINEMENTS[method](out.saliency, squares, **window)
+            masks = [mask_at_size(r, h, w) for r, (h, w) in zip(refined, sizes, strict=True)]
+        else:
+            masks = out.masks(sizes)
+        seconds[name] = time.perf_counter() - t0
         signals = out.quality_signals if potnet else {}
         for i, ((soft, binary), gt, stem) in enumerate(zip(masks, gts, stems, strict=True)):
             m = image_metrics(soft, gt, binary)
@@ -116,7 +129,7 @@ def score_batch(labellers, feats: PatchFeatures, gts, sizes, stems, save=None) -
 
 
 def _cached_job(args) -> tuple[list, dict]:
-    table, seed_tau, folder, stems, gt_paths, save = args
+    table, seed_tau, folder, stems, gt_paths, save, refine, image_paths, image_size = args
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -130,7 +143,12 @@ def _cached_job(args) -> tuple[list, dict]:
             batch[0].grid,
         )
         gts = [np.asarray(Image.open(p).convert("L")) > 127 for p in gt_paths]
-        return score_batch(labellers, feats, gts, [c.size for c in batch], stems, save)
+        squares = None
+        if refine:  # the images the features are of, as the backbone saw them
+            images = [decode_image(Path(p).read_bytes(), 1 << 30) for p in image_paths]
+            squares = np.stack([resize_square(im, image_size) for im in images])
+        sizes = [c.size for c in batch]
+        return score_batch(labellers, feats, gts, sizes, stems, save, squares, refine)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -139,6 +157,7 @@ def run(args: argparse.Namespace) -> dict:
     table = variants(cfg.potnet, args.ablations, args.variant, args.baseline)
     batch = cfg.pipeline.potnet_batch_size
     save = Path(args.save_masks) if args.save_masks else None
+    refine = cfg.refine.model_dump() if cfg.refine.method != "none" else None
     rows, seconds, backbone_s = [], dict.fromkeys(table, 0.0), None
     if args.feature_cache:
         folder = fill_cache([p for p, _ in pairs], Path(args.feature_cache), cfg.backbone)
@@ -150,6 +169,9 @@ def run(args: argparse.Namespace) -> dict:
                 [p.stem for p, _ in pairs[s : s + batch]],
                 [m for _, m in pairs[s : s + batch]],
                 save,
+                refine,
+                [str(p) for p, _ in pairs[s : s + batch]],
+                vit_geometry(cfg.backbone)[0],
             )
             for s in range(0, len(pairs), batch)
         ]
@@ -172,10 +194,12 @@ def run(args: argparse.Namespace) -> dict:
             images = [decode_image(p.read_bytes(), cfg.potnet.max_pixels) for p, _ in chunk]
             gts = [np.asarray(Image.open(m).convert("L")) > 127 for _, m in chunk]
             t0 = time.perf_counter()
-            feats = core.features(np.stack([resize_square(im, core.image_size) for im in images]))
+            squares = np.stack([resize_square(im, core.image_size) for im in images])
+            feats = core.features(squares)
             backbone_s += time.perf_counter() - t0
             sizes = [im.shape[:2] for im in images]
-            r, sec = score_batch(labellers, feats, gts, sizes, [p.stem for p, _ in chunk], save)
+            stems = [p.stem for p, _ in chunk]
+            r, sec = score_batch(labellers, feats, gts, sizes, stems, save, squares, refine)
             rows += r
             for k, v in sec.items():
                 seconds[k] += v

@@ -230,3 +230,40 @@ def test_prediction_signals_hand_checked():
     )
     assert ((q[:2] > 0) & (q[:2] < 1)).all() and q[0] > q[1] + 0.2  # the sure mask ranks first
     assert q[2] == 0.0  # an empty mask: no object found, IoU 0 with any object's mask
+
+
+def test_guided_filter_keeps_the_guides_own_colours_and_averages_a_flat_guide(ecssd):
+    """The guided filter's defining properties on a real photo: an input that is a channel
+    of the guide is a linear function of it in every window, so it comes back as it was;
+    under a flat guide every fit is a constant, the window mean, averaged again."""
+    from autosod_ray.edge_refine import box_mean, guided_filter
+
+    photo = np.asarray(Image.open(ecssd / "images" / "0001.jpg").convert("RGB"))[:120, :160]
+    guide = photo / 255.0
+    channel = guide[..., 1]
+    for radius in (2, 8):
+        kept = guided_filter(guide, channel, radius, eps=1e-8)
+        assert np.abs(kept - channel).mean() < 1e-3
+    p = np.random.default_rng(0).random((120, 160))
+    flat = guided_filter(np.full((120, 160, 3), 0.4), p, 3, eps=1e-3)
+    np.testing.assert_allclose(flat, box_mean(box_mean(p, 3), 3), atol=1e-9)
+
+
+def test_guided_refinement_moves_a_grid_edge_onto_the_image_edge():
+    """A disc seen through a 16 x 16 mask grid: upsampled, its edge is blocky; refined with
+    the image as guide it matches the disc closely; `none` leaves the grid as it is."""
+    from autosod_ray.edge_refine import REFINEMENTS, upsample_square
+    from autosod_ray.metrics import iou
+
+    size, grid = 128, 16
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - 61) ** 2 + (xx - 67) ** 2 < 37**2
+    image = np.where(disc[..., None], [200, 60, 40], [40, 90, 160]).astype(np.uint8)
+    cells = disc.reshape(grid, size // grid, grid, size // grid).mean((1, 3))  # the model's grid
+    prob = np.clip(cells + np.random.default_rng(1).normal(0, 0.05, cells.shape), 0, 1)
+    before = iou(upsample_square(prob, size) > 0.5, disc)
+    refined = REFINEMENTS["guided"](prob[None], image[None], radius=2 / 16, eps=1e-3)
+    assert refined.shape == (1, size, size) and 0 <= refined.min() <= refined.max() <= 1
+    after = iou(refined[0] > 0.5, disc)
+    assert after > 0.98 and after > before + 0.02, (before, after)
+    np.testing.assert_array_equal(REFINEMENTS["none"](prob[None], image[None])[0], prob)

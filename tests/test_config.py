@@ -111,3 +111,19 @@ def test_every_shipped_config_validates_under_its_job(name, schema):
     import autosod_ray.config as config
 
     load_config(getattr(config, schema), REPO / "configs" / name)
+
+
+def test_the_refinement_enters_the_labelling_hash_only_when_on():
+    """pseudolabel's refine is off by default and then absent from the settings hashed into
+    config_hash (outputs made before it existed keep their hash); on, it is hashed."""
+    off = PseudolabelConfig()
+    on = load_config(PseudolabelConfig, None, ["refine.method=guided"])
+    assert off.refine.method == "none" and "refine" not in off.labelling_settings("w")
+    assert on.labelling_settings("w")["refine"] == {
+        "method": "guided",
+        "radius": 1 / 32,
+        "eps": 1e-3,
+    }
+    # a window set alone leaves it off
+    assert load_config(PseudolabelConfig, None, ["refine.eps=0.01"]).refine.method == "none"
+    assert PredictConfig().refine.method == "guided"  # predict refines by default

@@ -65,20 +65,33 @@ PREDICTION_SIGNAL_NAMES = (
 # on POTNet's masks of ../shared/data/unlabeled): benchmarks/autosod_quality.py, then
 # benchmarks/fit_quality.py --score autosod. The two signals were chosen on folds 0-1: the
 # others add nothing there (the maps are nearly binary, so separability and decisiveness
-# saturate; objectness is all but constant). Held-out folds: README, "Train and predict",
-# "Quality of predict's masks".
-PREDICTION_QUALITY = QualityScore(
-    signals=("uncertain_band", "largest_component"),
-    intercept=-3.2250,
-    weights=(-0.6247, 1.576),
-)
+# saturate; objectness is all but constant). The signals read the network's own map; the
+# IoU they estimate is that of the mask predict writes, so each `refine.method` has its
+# fit (the guided filter's masks are better: a higher intercept). Held-out folds: README,
+# "Train and predict", "Quality of predict's masks".
+PREDICTION_QUALITY = {
+    "guided": QualityScore(
+        signals=("uncertain_band", "largest_component"),
+        intercept=-3.3825,
+        weights=(-0.6919, 1.5935),
+    ),
+    "none": QualityScore(
+        signals=("uncertain_band", "largest_component"),
+        intercept=-3.2250,
+        weights=(-0.6247, 1.576),
+    ),
+}
 
 
-def prediction_quality(prob: np.ndarray, objectness: np.ndarray, threshold: float = 0.5):
-    """B x H x W mask probability + B objectness -> B quality in [0, 1), higher = better. An
-    empty mask scores 0: its IoU with a human mask of any object is 0 (the signals, made
-    for a mask, would read it as a clean one)."""
+def prediction_quality(
+    prob: np.ndarray, objectness: np.ndarray, threshold: float = 0.5, refine: str = "guided"
+):
+    """B x H x W mask probability (the network's own) + B objectness -> B quality in
+    [0, 1), higher = better: the estimated IoU of the mask `refine` makes of it. An empty
+    mask scores 0: its IoU with a human mask of any object is 0 (the signals, made for a
+    mask, would read it as a clean one)."""
     prob = np.asarray(prob, np.float32)
-    quality = PREDICTION_QUALITY(prediction_signals(prob, objectness, threshold))
+    score = PREDICTION_QUALITY[refine]
+    quality = score(prediction_signals(prob, objectness, threshold))
     empty = ~(prob > threshold).reshape(len(prob), -1).any(axis=1)
     return np.where(empty, np.float32(0.0), quality).astype(np.float32)
