@@ -298,7 +298,7 @@ class PipelineConfig(Section):
 
 class RefineSection(Section):
     """Edge-aware refinement of each mask before it is cut at its image's size
-    (autosod_ray/edge_refine.py): predict's default; a pseudolabel option."""
+    (autosod_ray/edge_refine.py), in pseudolabel and predict alike."""
 
     method: Literal["guided", "none"] = Field(
         "guided",
@@ -315,14 +315,6 @@ class RefineSection(Section):
     eps: float = Field(1e-3, gt=0, description="Colour variance below which a window is flat.")
 
 
-class PseudolabelRefineSection(RefineSection):
-    """pseudolabel's refinement: the same filter, off unless asked for."""
-
-    method: Literal["guided", "none"] = Field(
-        "none", description=RefineSection.model_fields["method"].description
-    )
-
-
 class PseudolabelConfig(Section):
     """`jobs/pseudolabel.py`: label a dataset into Parquet shards."""
 
@@ -336,7 +328,7 @@ class PseudolabelConfig(Section):
     report: bool = Field(True, description="Write <output>/report.html at the end of the run.")
     backbone: BackboneConfig = BackboneConfig()
     potnet: POTNetConfig = POTNetConfig()
-    refine: PseudolabelRefineSection = PseudolabelRefineSection()
+    refine: RefineSection = RefineSection()
     pipeline: PipelineConfig = PipelineConfig()
     storage: StorageConfig = StorageConfig()
 
@@ -349,7 +341,7 @@ class PseudolabelConfig(Section):
             "weights_sha256": weights_sha256,
             "potnet": dataclasses.asdict(self.potnet.params()),
         }
-        if self.refine.method != "none":  # (absent when off: earlier outputs keep their hash)
+        if self.refine.method != "none":  # off: the hash of outputs made before it existed
             settings["refine"] = self.refine.model_dump(mode="json")
         return settings
 

@@ -15,7 +15,7 @@ The filter is written here, in float64 with SciPy's box means: OpenCV 5.0's
 `ximgproc.guidedFilter` (float32) does not reproduce a channel of a natural image's
 own colours used as the input (tests/test_autosod.py checks ours does, which is the
 filter's defining property). A registry names the refinements the jobs offer
-(`refine.method`: predict's default, a pseudolabel option).
+(`refine.method`; `guided` is both labelling jobs' default).
 """
 
 from __future__ import annotations

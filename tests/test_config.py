@@ -114,16 +114,14 @@ def test_every_shipped_config_validates_under_its_job(name, schema):
 
 
 def test_the_refinement_enters_the_labelling_hash_only_when_on():
-    """pseudolabel's refine is off by default and then absent from the settings hashed into
-    config_hash (outputs made before it existed keep their hash); on, it is hashed."""
-    off = PseudolabelConfig()
-    on = load_config(PseudolabelConfig, None, ["refine.method=guided"])
-    assert off.refine.method == "none" and "refine" not in off.labelling_settings("w")
+    """Both labelling jobs refine by default, and the refinement is hashed into config_hash;
+    off, it is absent from the settings (outputs made before it existed keep their hash)."""
+    on = PseudolabelConfig()
+    off = load_config(PseudolabelConfig, None, ["refine.method=none"])
     assert on.labelling_settings("w")["refine"] == {
         "method": "guided",
         "radius": 1 / 32,
         "eps": 1e-3,
     }
-    # a window set alone leaves it off
-    assert load_config(PseudolabelConfig, None, ["refine.eps=0.01"]).refine.method == "none"
-    assert PredictConfig().refine.method == "guided"  # predict refines by default
+    assert "refine" not in off.labelling_settings("w")
+    assert PredictConfig().refine == on.refine  # one filter, one default, in both jobs

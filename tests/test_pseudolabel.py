@@ -254,8 +254,6 @@ def test_ray_job_submit_with_s3_input_and_output(dataset, s3, ray_head, weights_
         weights_path,
         "--set",
         f"storage.endpoint_url={s3['endpoint']}",
-        "--set",
-        "refine.method=guided",  # the edge refinement in the actors (off by default)
     )
     res = ray_job_submit(ray_head, ["jobs/pseudolabel.py", *args], env_vars=s3["env"])
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
@@ -272,7 +270,7 @@ def test_ray_job_submit_with_s3_input_and_output(dataset, s3, ray_head, weights_
     check_output(masks, errors)
     run = json.loads(fs.cat_file("data/autosod/run1/run.json"))
     assert run["status"] == "complete with input errors"
-    assert run["config"]["refine"]["method"] == "guided"
+    assert run["config"]["refine"]["method"] == "guided"  # the edge refinement, by default
 
 
 def slow_job_args(dataset, out, weights_path) -> list[str]:
