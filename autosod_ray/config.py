@@ -314,6 +314,11 @@ class RefineSection(Section):
     )
     eps: float = Field(1e-3, gt=0, description="Colour variance below which a window is flat.")
 
+    def settings(self) -> dict:
+        """What of it decides the masks, for a job's config_hash: nothing when off, so
+        outputs made before the refinement existed keep their hash."""
+        return {} if self.method == "none" else {"refine": self.model_dump(mode="json")}
+
 
 class PseudolabelConfig(Section):
     """`jobs/pseudolabel.py`: label a dataset into Parquet shards."""
@@ -336,14 +341,12 @@ class PseudolabelConfig(Section):
         """What decides the masks, hashed into `config_hash`: the backbone (the weights by
         their content, not their path; not the device it runs on) and the parameters
         POTNet runs on; not resources, paths or input guards (max_pixels)."""
-        settings = {
+        return {
             "backbone": self.backbone.model_dump(mode="json", exclude={"device", "weights"}),
             "weights_sha256": weights_sha256,
             "potnet": dataclasses.asdict(self.potnet.params()),
+            **self.refine.settings(),
         }
-        if self.refine.method != "none":  # off: the hash of outputs made before it existed
-            settings["refine"] = self.refine.model_dump(mode="json")
-        return settings
 
 
 class EvaluateConfig(Section):

@@ -40,7 +40,10 @@ class _Predictor:
         def label(images):
             prob, objectness = predictor(images)
             quality = prediction_quality(prob, objectness, threshold, cfg.refine.method)
-            return refine(prob, images, **window), {"confidence": objectness, "quality": quality}
+            refined = refine(prob, images, **window)
+            empty = ~(refined > threshold).reshape(len(refined), -1).any(axis=1)
+            quality[empty] = 0.0  # the mask written is empty: IoU 0 with any object's mask
+            return refined, {"confidence": objectness, "quality": quality}
 
         return label
 
@@ -58,7 +61,7 @@ def predict_labelling(cfg: PredictConfig) -> Labelling:
         settings={
             "model_sha256": meta["sha256"],
             "threshold": meta["model"]["threshold"],
-            "refine": cfg.refine.model_dump(mode="json"),
+            **cfg.refine.settings(),
         },
         provenance={
             "model": {"uri": cfg.model, "sha256": meta["sha256"], "steps": meta.get("steps")},

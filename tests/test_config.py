@@ -125,3 +125,16 @@ def test_the_refinement_enters_the_labelling_hash_only_when_on():
     }
     assert "refine" not in off.labelling_settings("w")
     assert PredictConfig().refine == on.refine  # one filter, one default, in both jobs
+
+
+def test_every_refinement_the_config_offers_exists_and_has_a_quality_fit():
+    """A method the config accepts but the actors cannot run would fail every image inside
+    the cluster instead of the config before it: the three lists are one."""
+    import typing
+
+    from autosod_ray.config import RefineSection
+    from autosod_ray.edge_refine import REFINEMENTS
+    from autosod_ray.model.quality import PREDICTION_QUALITY
+
+    offered = set(typing.get_args(RefineSection.model_fields["method"].annotation))
+    assert offered == set(REFINEMENTS) == set(PREDICTION_QUALITY)

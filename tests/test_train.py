@@ -268,7 +268,7 @@ def test_train_on_cached_tokens_then_reuse_the_cache(
     env = job_env(RAY_ADDRESS=ray_head["address"])
     args = train_args(str(mine), str(out), weights_path, "--set", "data.cache_tokens=true")
     args += ["--set", "scaling.num_workers=1", "--set", "data.keep_top_fraction=0.5"]
-    args += ["--set", "optim.batch_size=2"]  # 16 rows: every run below is one epoch
+    args += ["--set", "optim.batch_size=2"]  # 16 rows, 8 steps an epoch: each run one epoch
     res = run_script("jobs/train.py", args, env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     summary = json.loads((out / "train.json").read_text())

@@ -9,7 +9,7 @@ Columns along the way:
     read    + data (encoded bytes), image_sha256 (of those bytes), error ("" when fine),
             error_kind
     decode  - data, + image (S x S x 3 uint8), height, width
-    model   - image, + saliency (h x w float32), confidence, consistency_loss, quality,
+    model   - image, + saliency (h x w float32, any grid), confidence, consistency_loss, quality,
               ot_iterations, ot_marginal_error
     encode  - saliency, + mask_png, saliency_png, fg_fraction, backbone, config_hash
 """
@@ -138,7 +138,7 @@ class ModelStage:
     """Actor stage: holds the model (built once) and labels the rows without errors.
 
     `model_factory()` returns a callable images (B x S x S x 3 uint8) ->
-    (saliency B x h x w, {column: B values}) for some of `MODEL_COLUMNS`; the
+    (saliency B x h x w on any grid, {column: B values}) for some of `MODEL_COLUMNS`; the
     columns it does not report get their schema default. A batch the model fails
     on (out of memory, or any other error) is split in halves and each half tried
     again, down to single images: one bad image, or a batch too big for the
@@ -227,9 +227,10 @@ def png_bytes(array: np.ndarray) -> bytes:
 def encode(
     batch: dict[str, np.ndarray], to_masks: Callable, backbone: str, config_hash: str
 ) -> dict[str, np.ndarray]:
-    """Patch-level saliency -> mask and soft map PNGs at each image's own size.
+    """Saliency (on the model's grid, or refined at its input size) -> mask and soft map
+    PNGs at each image's own size.
 
-    `to_masks(saliency h x w, height, width) -> (soft uint8, binary bool)`.
+    `to_masks(saliency h x w, height, width) -> (soft uint8, binary bool)`, any h x w.
     """
     n = len(batch["image_id"])
     masks, softs, fractions = [b""] * n, [b""] * n, np.zeros(n, np.float32)
