@@ -20,6 +20,7 @@ filter's defining property). A registry names the refinements the jobs offer
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -73,3 +74,8 @@ def unrefined(prob: np.ndarray, images: np.ndarray, **_) -> np.ndarray:
 
 
 REFINEMENTS: dict[str, Callable[..., np.ndarray]] = {"guided": guided, "none": unrefined}
+
+
+def refiner(section) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A config's `refine` section -> (B x h x w probability, B x S x S x 3 images) -> map."""
+    return functools.partial(REFINEMENTS[section.method], radius=section.radius, eps=section.eps)

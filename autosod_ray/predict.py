@@ -15,7 +15,7 @@ import functools
 from .backbone import snap_to_patch
 from .config import PredictConfig
 from .data.uris import InputError, absolute
-from .edge_refine import REFINEMENTS
+from .edge_refine import refiner
 from .model.inference import AutoSODPredictor, load_model, threshold_at_size
 from .model.quality import prediction_quality
 from .pseudolabel import Labelling, run_labelling
@@ -34,13 +34,12 @@ class _Predictor:
         )
 
         threshold = predictor.meta["model"]["threshold"]
-        refine = REFINEMENTS[cfg.refine.method]
-        window = {"radius": cfg.refine.radius, "eps": cfg.refine.eps}
+        refine = refiner(cfg.refine)
 
         def label(images):
             prob, objectness = predictor(images)
             quality = prediction_quality(prob, objectness, threshold, cfg.refine.method)
-            refined = refine(prob, images, **window)
+            refined = refine(prob, images)
             empty = ~(refined > threshold).reshape(len(refined), -1).any(axis=1)
             quality[empty] = 0.0  # the mask written is empty: IoU 0 with any object's mask
             return refined, {"confidence": objectness, "quality": quality}

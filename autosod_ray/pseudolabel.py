@@ -40,7 +40,7 @@ from .data.stages import (
     read_bytes,
 )
 from .data.uris import InputError, absolute, scan_inputs
-from .edge_refine import REFINEMENTS
+from .edge_refine import refiner
 from .endings import status_of
 
 # the jobs that label images into the pseudo-mask schema (pseudolabel, predict)
@@ -116,12 +116,11 @@ class _Labeller:
         cfg = self.cfg
         opts = cfg.storage.options(cfg.backbone.weights or "")
         labeller = PseudoLabeller(cfg.backbone, cfg.potnet, storage_options=opts)
-        refine = REFINEMENTS[cfg.refine.method]
-        window = {"radius": cfg.refine.radius, "eps": cfg.refine.eps}
+        refine = refiner(cfg.refine)
 
         def label(images):
             out = labeller.potnet(labeller.features(images))
-            return refine(out.saliency, images, **window), out.columns()
+            return refine(out.saliency, images), out.columns()
 
         return label
 

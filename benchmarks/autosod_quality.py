@@ -45,7 +45,7 @@ from quality import PER_IMAGE_METRICS, image_mask_pairs, summarise  # noqa: E402
 
 from autosod_ray.config import RefineSection  # noqa: E402
 from autosod_ray.data.images import decode_image, resize_square  # noqa: E402
-from autosod_ray.edge_refine import REFINEMENTS  # noqa: E402
+from autosod_ray.edge_refine import REFINEMENTS, refiner  # noqa: E402
 from autosod_ray.metrics import image_metrics, iou  # noqa: E402
 from autosod_ray.model.inference import load_model, threshold_at_size  # noqa: E402
 from autosod_ray.model.quality import prediction_quality, prediction_signals  # noqa: E402
@@ -96,7 +96,7 @@ def score_model(
     """One model's decoder over the cached tokens -> (per-image rows, decoder seconds);
     each mask refined as predict's `refine.method` does (RefineSection's defaults)."""
     threshold = meta["model"]["threshold"]
-    window = RefineSection(method=refine).model_dump(exclude={"method"})
+    refined = refiner(RefineSection(method=refine))
     rows, seconds = [], 0.0
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
@@ -110,7 +110,7 @@ def score_model(
         for i, (image, gt_path) in enumerate(chunk):
             gt = np.asarray(Image.open(gt_path).convert("L")) > 127
             seen = resize_square(decode_image(image.read_bytes(), 1 << 30), model.image_size)
-            mask = REFINEMENTS[refine](prob[i : i + 1], seen[None], **window)[0]
+            mask = refined(prob[i : i + 1], seen[None])[0]
             soft, binary = threshold_at_size(mask, *gt.shape, threshold=threshold)
             m = image_metrics(soft, gt, binary)
             row = {"variant": name, "stem": image.stem, **{k: m[k] for k in PER_IMAGE_METRICS}}

@@ -34,9 +34,14 @@ from feature_cache import cached_batches, fill_cache  # noqa: E402
 from folds import fold_of  # noqa: E402
 
 from autosod_ray.backbone import vit_geometry  # noqa: E402
-from autosod_ray.config import POTNetConfig, PseudolabelConfig, load_config  # noqa: E402
+from autosod_ray.config import (  # noqa: E402
+    POTNetConfig,
+    PseudolabelConfig,
+    RefineSection,
+    load_config,
+)
 from autosod_ray.data.images import IMAGE_EXTENSIONS, decode_image, resize_square  # noqa: E402
-from autosod_ray.edge_refine import REFINEMENTS  # noqa: E402
+from autosod_ray.edge_refine import refiner  # noqa: E402
 from autosod_ray.metrics import MetricMeans, image_metrics  # noqa: E402
 from autosod_ray.potnet import PatchFeatures, POTNet  # noqa: E402
 from autosod_ray.potnet.baseline import NcutBaseline  # noqa: E402
@@ -108,8 +113,7 @@ def score_batch(
         out = labeller(feats)
         potnet = isinstance(labeller, POTNet)
         if potnet and refine:
-            method, window = refine["method"], {k: v for k, v in refine.items() if k != "method"}
-            refined = REFINEMENTS[method](out.saliency, squares, **window)
+            refined = refiner(RefineSection(**refine))(out.saliency, squares)
             masks = [mask_at_size(r, h, w) for r, (h, w) in zip(refined, sizes, strict=True)]
         else:
             masks = out.masks(sizes)
