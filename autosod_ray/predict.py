@@ -34,7 +34,7 @@ class _Predictor:
         )
 
         threshold = predictor.meta["model"]["threshold"]
-        refine = refiner(cfg.refine)
+        refine = refiner(cfg.refine, predictor.device)  # on the model's device
 
         def label(images):
             prob, objectness = predictor(images)

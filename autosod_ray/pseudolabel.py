@@ -116,7 +116,7 @@ class _Labeller:
         cfg = self.cfg
         opts = cfg.storage.options(cfg.backbone.weights or "")
         labeller = PseudoLabeller(cfg.backbone, cfg.potnet, storage_options=opts)
-        refine = refiner(cfg.refine)
+        refine = refiner(cfg.refine, labeller.extractor.device)  # on the model's device
 
         def label(images):
             out = labeller.potnet(labeller.features(images))

@@ -8,8 +8,10 @@ For each backbone (the ViT-S/14 of --weights, and a ViT-S/8 of the same width
 with random weights: its cost, not its masks, is what is measured), batch
 size, precision and clustering engine, in one run on one machine: images/s of
 the backbone alone, of POTNet alone on those features, and of both end to end,
-and POTNet's time as a share of the backbone's. On CUDA the arrays stay on the
-GPU (CuPy) and every timing ends with a device synchronisation.
+POTNet's time as a share of the backbone's, and the edge refinement (the guided
+filter of `refine`, on the same device) on POTNet's maps, alone and as a share of
+the backbone's time. On CUDA the arrays stay on the GPU (CuPy) and every timing
+ends with a device synchronisation.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autosod_ray.config import BackboneConfig, POTNetConfig
+from autosod_ray.config import BackboneConfig, POTNetConfig, RefineSection
 from autosod_ray.data.images import IMAGE_EXTENSIONS, decode_image, resize_square
+from autosod_ray.edge_refine import refiner
 from autosod_ray.labeller import PseudoLabeller
 
 BACKBONES = {
@@ -64,6 +67,8 @@ def measure(labeller: PseudoLabeller, images: np.ndarray, batch: int, device: st
     chunks = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)] or [images]
     n = sum(len(c) for c in chunks)
     feats = [labeller.features(c) for c in chunks]
+    maps = [labeller.potnet(f).saliency for f in feats]
+    refine = refiner(RefineSection(method="guided"), labeller.extractor.device)
 
     def backbone():
         for c in chunks:
@@ -77,12 +82,18 @@ def measure(labeller: PseudoLabeller, images: np.ndarray, batch: int, device: st
         for c in chunks:
             labeller.potnet(labeller.features(c))
 
-    b, p, e = (timed(fn, device, 1) for fn in (backbone, potnet, both))
+    def refinement():
+        for c, m in zip(chunks, maps, strict=True):
+            refine(m, c)
+
+    b, p, e, r = (timed(fn, device, 1) for fn in (backbone, potnet, both, refinement))
     return {
         "backbone_ips": n / b,
         "potnet_ips": n / p,
         "end_to_end_ips": n / e,
         "potnet_share_of_backbone": p / b,
+        "refine_ips": n / r,
+        "refine_share_of_backbone": r / b,
     }
 
 
@@ -126,7 +137,8 @@ def main(argv=None) -> int:
                         print(json.dumps(row), file=sys.stderr, flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     report = {"device": device, "image_size": args.image_size, "images": len(decoded), "rows": rows}
-    cols = ("backbone_ips", "potnet_ips", "end_to_end_ips", "potnet_share_of_backbone")
+    cols = ("backbone_ips", "potnet_ips", "end_to_end_ips", "potnet_share_of_backbone",
+            "refine_ips", "refine_share_of_backbone")  # fmt: skip
     print(
         f"device: {device}\n| backbone | tokens | precision | engine | batch | "
         + " | ".join(cols)

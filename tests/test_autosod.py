@@ -232,28 +232,69 @@ def test_prediction_signals_hand_checked():
     assert q[2] == 0.0  # an empty mask: no object found, IoU 0 with any object's mask
 
 
+def test_running_box_mean_is_scipys_uniform_filter():
+    """The running-sum box mean (torch: what a GPU runs) against SciPy's (what a CPU runs),
+    edges mirrored alike, for windows small and as wide as the image."""
+    from scipy.ndimage import uniform_filter
+
+    from autosod_ray.edge_refine import box_mean, running_box_mean
+
+    x = np.random.default_rng(0).random((2, 37, 23, 3))
+    for radius in (1, 5, 22):
+        want = uniform_filter(x, size=(1, 2 * radius + 1, 2 * radius + 1, 1), mode="reflect")
+        got = running_box_mean(torch.from_numpy(x), radius).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-12)
+        np.testing.assert_allclose(box_mean(torch.from_numpy(x), radius).numpy(), want, atol=1e-12)
+
+
+def reference_guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float):
+    """He et al.'s equations for one image, as written: SciPy box means and one
+    `numpy.linalg.solve` per window."""
+    from scipy.ndimage import uniform_filter
+
+    def box(x):
+        return uniform_filter(x, size=(2 * radius + 1,) * 2 + (1,) * (x.ndim - 2), mode="reflect")
+
+    mean_i, mean_p = box(guide), box(src)
+    sigma = (
+        box(guide[..., :, None] * guide[..., None, :]) - mean_i[..., :, None] * mean_i[..., None, :]
+    )
+    cov_ip = box(guide * src[..., None]) - mean_i * mean_p[..., None]
+    a = np.linalg.solve(sigma + eps * np.eye(3), cov_ip[..., None])[..., 0]
+    b = mean_p - (a * mean_i).sum(-1)
+    return (box(a) * guide).sum(-1) + box(b)
+
+
 def test_guided_filter_keeps_the_guides_own_colours_and_averages_a_flat_guide(ecssd):
-    """The guided filter's defining properties on a real photo: an input that is a channel
-    of the guide is a linear function of it in every window, so it comes back as it was;
-    under a flat guide every fit is a constant, the window mean, averaged again."""
+    """The guided filter against its equations solved window by window (numpy), and its
+    defining properties on a real photo: an input that is a channel of the guide is a
+    linear function of it in every window, so it comes back as it was; under a flat guide
+    every fit is a constant, the window mean, averaged again."""
     from autosod_ray.edge_refine import box_mean, guided_filter
 
     photo = np.asarray(Image.open(ecssd / "images" / "0001.jpg").convert("RGB"))[:120, :160]
     guide = photo / 255.0
+    p = np.random.default_rng(0).random((120, 160))
+    for radius, eps in [(2, 1e-3), (8, 1e-2)]:
+        got = guided_filter(torch.from_numpy(guide)[None], torch.from_numpy(p)[None], radius, eps)
+        want = reference_guided_filter(guide, p, radius, eps)
+        np.testing.assert_allclose(got[0].numpy(), want, atol=1e-9)
     channel = guide[..., 1]
     for radius in (2, 8):
-        kept = guided_filter(guide, channel, radius, eps=1e-8)
+        kept = guided_filter(torch.from_numpy(guide)[None], torch.from_numpy(channel)[None],
+                             radius, eps=1e-8)[0].numpy()  # fmt: skip
         assert np.abs(kept - channel).mean() < 1e-3
-    p = np.random.default_rng(0).random((120, 160))
-    flat = guided_filter(np.full((120, 160, 3), 0.4), p, 3, eps=1e-3)
-    np.testing.assert_allclose(flat, box_mean(box_mean(p, 3), 3), atol=1e-9)
+    flat = guided_filter(torch.full((1, 120, 160, 3), 0.4), torch.from_numpy(p)[None], 3, 1e-3)
+    want = box_mean(box_mean(torch.from_numpy(p)[None], 3), 3)
+    np.testing.assert_allclose(flat.numpy(), want.numpy(), atol=1e-9)
 
 
 def test_guided_refinement_moves_a_grid_edge_onto_the_image_edge():
     """A disc seen through a 16 x 16 mask grid: upsampled, its edge is blocky; refined with
     the image as guide it matches the disc closely; `none` leaves the grid as it is."""
-    from autosod_ray.edge_refine import REFINEMENTS, upsample_square
+    from autosod_ray.edge_refine import REFINEMENTS
     from autosod_ray.metrics import iou
+    from autosod_ray.potnet.mask import upsample
 
     size, grid = 128, 16
     yy, xx = np.mgrid[:size, :size]
@@ -261,7 +302,7 @@ def test_guided_refinement_moves_a_grid_edge_onto_the_image_edge():
     image = np.where(disc[..., None], [200, 60, 40], [40, 90, 160]).astype(np.uint8)
     cells = disc.reshape(grid, size // grid, grid, size // grid).mean((1, 3))  # the model's grid
     prob = np.clip(cells + np.random.default_rng(1).normal(0, 0.05, cells.shape), 0, 1)
-    before = iou(upsample_square(prob, size) > 0.5, disc)
+    before = iou(upsample(prob, size, size) > 0.5, disc)
     refined = REFINEMENTS["guided"](prob[None], image[None], radius=2 / 16, eps=1e-3)
     assert refined.shape == (1, size, size) and 0 <= refined.min() <= refined.max() <= 1
     after = iou(refined[0] > 0.5, disc)

@@ -94,9 +94,10 @@ def test_weights_from_s3(s3, weights_path, extractor, images):
     torch.testing.assert_close(remote(images, ("keys",)).keys, extractor(images, ("keys",)).keys)
 
 
-def test_core_throughput_benchmark_runs_on_cpu(tmp_path, ecssd, weights_path):
-    """benchmarks/core_throughput.py is what a user runs on a GPU; its CPU path is the same
-    code, kept working here on a tiny setting."""
+def test_gpu_benchmarks_run_on_cpu(tmp_path, ecssd, weights_path):
+    """benchmarks/core_throughput.py and predict_throughput.py are what a user runs on a
+    GPU (benchmarks/gpu_check.sh); their CPU path is the same code, kept working here on a
+    tiny setting."""
     import json
     import sys
 
@@ -104,6 +105,7 @@ def test_core_throughput_benchmark_runs_on_cpu(tmp_path, ecssd, weights_path):
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     import core_throughput
+    import predict_throughput
 
     out = tmp_path / "core.json"
     args = ["--images", str(ecssd / "images"), "--weights", str(weights_path), "--device", "cpu"]
@@ -114,3 +116,11 @@ def test_core_throughput_benchmark_runs_on_cpu(tmp_path, ecssd, weights_path):
     assert len(rows) == 4  # 2 backbones x 2 engines
     assert {r["tokens"] for r in rows} == {16, 49}  # patch 14 and patch 8 at 56 px
     assert all(r["backbone_ips"] > 0 and r["potnet_share_of_backbone"] > 0 for r in rows)
+    assert all(r["refine_ips"] > 0 and r["refine_share_of_backbone"] > 0 for r in rows)
+    args = ["--images", str(ecssd / "images"), "--weights", str(weights_path), "--device", "cpu"]
+    args += ["--image-size", "56", "--batch-sizes", "2", "--limit", "2", "--json", str(out)]
+    assert predict_throughput.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["precision"] == "fp32" and len(report["rows"]) == 1
+    row = report["rows"][0]
+    assert row["network_ips"] > 0 and row["refine_ips"] > 0 and row["end_to_end_ips"] > 0

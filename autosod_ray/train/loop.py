@@ -18,7 +18,6 @@ import torch
 
 from ..config import OptimConfig, TrainConfig
 from ..data.progress import progress_line
-from ..data.training import load_validation_set
 from ..metrics import MetricMeans
 from ..model import autosod_loss, build_autosod
 from ..model.autosod import AutoSOD, to_uint8_batch
@@ -142,6 +141,8 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point; `config["train"]` is a TrainConfig as JSON."""
     import ray.train
     import ray.train.torch
+
+    from ..data.training import load_validation_set  # Ray Data; the steps above need no Ray
 
     cfg = TrainConfig.model_validate(config["train"])
     if cfg.scaling.torch_threads != "auto":  # resolved by the train driver
