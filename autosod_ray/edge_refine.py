@@ -101,10 +101,11 @@ def guided(
     pixels = max(1, round(radius * size))
     out = np.empty((len(prob), size, size), np.float32)
     for i, (p, image) in enumerate(zip(prob, images, strict=True)):
-        grid = torch.as_tensor(np.asarray(p, np.float32), device=device)[None, None]
+        # copies (the batch's arrays may be read-only views of Ray's object store)
+        grid = torch.tensor(p, dtype=torch.float32, device=device)[None, None]
         # the mask as the model put it: bilinear, as the unrefined mask is upsampled
         up = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)[0]
-        guide = torch.as_tensor(image, device=device)[None].double() / 255.0
+        guide = torch.tensor(image, device=device)[None].double() / 255.0
         refined = guided_filter(guide, up, pixels, eps)  # edges onto the image's
         out[i] = refined[0].clamp(0.0, 1.0).float().cpu().numpy()
     return out
