@@ -39,10 +39,7 @@ class _Predictor:
         def label(images):
             prob, objectness = predictor(images)
             quality = prediction_quality(prob, objectness, threshold, cfg.refine.method)
-            refined = refine(prob, images)
-            empty = ~(refined > threshold).reshape(len(refined), -1).any(axis=1)
-            quality[empty] = 0.0  # the mask written is empty: IoU 0 with any object's mask
-            return refined, {"confidence": objectness, "quality": quality}
+            return refine(prob, images), {"confidence": objectness, "quality": quality}
 
         return label
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from autosod_ray.data.lease import LEASE
 from tests.conftest import BAD, GOOD, driver_of, job_env, start_script, wait_for
@@ -51,13 +52,31 @@ def kill_session(sid: int) -> None:
             pass
 
 
+def longer(dataset: Path, root: Path, ecssd: Path, n: int = 24) -> tuple[Path, dict]:
+    """`dataset` plus `n` more ECSSD photos (more/0101.jpg ...): a run long enough that a
+    graceful stop (seconds: the driver winds Ray Data down) lands before its end. Returns
+    the folder and image_id -> (height, width) of its readable images."""
+    shutil.copytree(dataset, root)
+    (root / "more").mkdir()
+    good = dict(GOOD)
+    for i in range(101, 101 + n):
+        src = ecssd / "images" / f"{i:04d}.jpg"
+        shutil.copy(src, root / "more" / src.name)
+        with Image.open(src) as img:
+            good[f"more/{src.name}"] = (img.height, img.width)
+    return root, good
+
+
 @pytest.mark.slow
-def test_sigint_then_sigterm_then_a_rerun_completes(dataset, tmp_path, ray_head, weights_path):
+def test_sigint_then_sigterm_then_a_rerun_completes(
+    dataset, ecssd, tmp_path, ray_head, weights_path
+):
     """Ctrl-C (130) and SIGTERM (143, as `ray job stop` sends) each end the run with its
     status and the counts done so far in run.json, one line on stderr and the lease gone;
     the rerun finishes exactly once, and run.json keeps all three runs."""
     out = tmp_path / "run"
-    args = slow_job_args(dataset, out, weights_path)
+    images, good = longer(dataset, tmp_path / "images", ecssd)
+    args = slow_job_args(images, out, weights_path)
     env = job_env(RAY_ADDRESS=ray_head["address"])
     for sig, code, status in ((signal.SIGINT, 130, "interrupted"),
                               (signal.SIGTERM, 143, "terminated")):  # fmt: skip
@@ -74,12 +93,12 @@ def test_sigint_then_sigterm_then_a_rerun_completes(dataset, tmp_path, ray_head,
         assert "Traceback" not in stdout, stdout[-3000:]
         run = record(out)
         assert run["status"] == status and run["runs"][-1]["status"] == status
-        assert 0 < run["labelled"] < len(GOOD) and run["duplicates"] == 0
+        assert before < run["labelled"] < len(good) and run["duplicates"] == 0
         assert run["labelled"] == _written(out)  # the counts are what the output holds
         assert not (out / LEASE).exists()
     done = run_job(args, env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    check_output(out)
+    check_output(out, good=good)
     run = record(out)
     assert [r["status"] for r in run["runs"]] == ["interrupted", "terminated",
                                                    "complete with input errors"]  # fmt: skip

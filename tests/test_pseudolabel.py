@@ -50,11 +50,14 @@ def job_args(input_uri: str, output_uri: str, weights: Path, *extra: str) -> lis
     ]
 
 
-def check_output(out: Path | pd.DataFrame, errors: pd.DataFrame | None = None) -> None:
-    """Every input in exactly one table; masks decode to each image's size."""
+def check_output(
+    out: Path | pd.DataFrame, errors: pd.DataFrame | None = None, good: dict = GOOD
+) -> None:
+    """Every input in exactly one table; masks decode to each image's size (`good`:
+    image_id -> (height, width) of every readable input)."""
     masks = pd.read_parquet(out / "masks") if isinstance(out, Path) else out
     errors = pd.read_parquet(out / "errors") if errors is None else errors
-    assert sorted(masks.image_id) == sorted(GOOD), sorted(masks.image_id)
+    assert sorted(masks.image_id) == sorted(good), sorted(masks.image_id)
     assert sorted(errors.image_id) == sorted(BAD)
     for _, row in errors.iterrows():
         assert BAD[row.image_id] in row.error, row.error
@@ -62,7 +65,7 @@ def check_output(out: Path | pd.DataFrame, errors: pd.DataFrame | None = None) -
     for _, row in masks.iterrows():
         mask = np.asarray(Image.open(io.BytesIO(row.mask_png)))
         soft = np.asarray(Image.open(io.BytesIO(row.saliency_png)))
-        assert mask.shape == soft.shape == GOOD[row.image_id] == (row.height, row.width)
+        assert mask.shape == soft.shape == good[row.image_id] == (row.height, row.width)
         assert set(np.unique(mask)) <= {0, 255}
         assert 0 <= row.fg_fraction <= 1 and np.isfinite(row.consistency_loss)
 

@@ -106,3 +106,29 @@ def test_a_batch_too_big_is_split_and_only_the_bad_image_fails():
         {**one, "error": np.array([""], object), "error_kind": np.array([""], object)}
     )
     assert one["error"][0].startswith("out of memory") and one["error_kind"][0] == TRANSIENT
+
+
+def test_a_mask_that_comes_out_empty_at_the_image_size_scores_quality_zero():
+    """A few pixels above the threshold on the model's grid can vanish when the map is
+    resized to the image: the row written has an empty mask and quality 0, exactly;
+    the others keep theirs (a failed row stays as it was)."""
+    from autosod_ray.model.inference import threshold_at_size
+
+    speck = np.zeros((32, 32), np.float32)
+    speck[5, 5] = 0.6  # above 0.5 on the grid, averaged away at 16 x 16
+    block = np.zeros((32, 32), np.float32)
+    block[8:24, 8:24] = 0.9
+    batch = {
+        "image_id": np.array(["speck", "block", "bad"], object),
+        "saliency": np.stack([speck, block, block]),
+        "height": np.array([16, 16, 16]),
+        "width": np.array([16, 16, 16]),
+        "error": np.array(["", "", "corrupt"], object),
+        "quality": np.array([0.3, 0.7, np.nan], np.float32),
+    }
+    assert threshold_at_size(speck, 32, 32, 0.5)[1].any()  # not empty on its own grid
+    to_masks = lambda s, h, w: threshold_at_size(s, h, w, 0.5)  # noqa: E731
+    out = stages.encode(batch, to_masks, "m", "h")
+    assert out["fg_fraction"][0] == 0 and out["fg_fraction"][1] > 0
+    assert out["quality"][0] == 0.0 and out["quality"][1] == pytest.approx(0.7)
+    assert np.isnan(out["quality"][2])

@@ -228,7 +228,8 @@ def encode(
     batch: dict[str, np.ndarray], to_masks: Callable, backbone: str, config_hash: str
 ) -> dict[str, np.ndarray]:
     """Saliency (on the model's grid, or refined at its input size) -> mask and soft map
-    PNGs at each image's own size.
+    PNGs at each image's own size. A mask that comes out empty at that size gets
+    `quality` 0, exactly (its IoU with any object's mask).
 
     `to_masks(saliency h x w, height, width) -> (soft uint8, binary bool)`, any h x w.
     """
@@ -244,6 +245,9 @@ def encode(
         softs[i] = png_bytes(soft)
         fractions[i] = binary.mean()
     out = {k: v for k, v in batch.items() if k != "saliency"}
+    if "quality" in out:
+        written = np.array([e == "" for e in batch["error"]], dtype=bool)
+        out["quality"] = np.where(written & (fractions == 0), 0.0, out["quality"])
     return {
         **out,
         "mask_png": np.array(masks, dtype=object),
