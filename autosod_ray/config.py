@@ -396,8 +396,8 @@ class ReportConfig(Section):
         0.4,
         ge=0.0,
         le=1.0,
-        description="No object (or a wrong one): quality below this (README: it flags 58% of "
-        "object-free crops and 2.7% of ECSSD's masks, whose mean IoU is 0.35).",
+        description="No object (or a wrong one): quality below this (README: it flags 50% of "
+        "object-free crops and 2.8% of ECSSD's masks, whose mean IoU is 0.29).",
     )
     min_object_fraction: float = Field(
         0.005, gt=0.0, le=1.0, description="Several objects: pieces of at least this share."

@@ -37,8 +37,8 @@ class _Predictor:
         refine = refiner(cfg.refine, predictor.device)  # on the model's device
 
         def label(images):
-            prob, objectness = predictor(images)
-            quality = prediction_quality(prob, objectness, threshold, cfg.refine.method)
+            prob, objectness, tokens = predictor(images)
+            quality = prediction_quality(prob, objectness, tokens, threshold, cfg.refine.method)
             return refine(prob, images), {"confidence": objectness, "quality": quality}
 
         return label

@@ -105,8 +105,9 @@ def score_model(
         prob, obj = model.predict(tokens=tokens.float())
         prob, obj = prob.numpy(), obj.numpy()
         seconds += time.perf_counter() - t0
-        signals = prediction_signals(prob, obj, threshold)
-        quality = prediction_quality(prob, obj, threshold, refine)
+        grid = tokens.float().reshape(len(chunk), *model.grid, -1).numpy()
+        signals = prediction_signals(prob, obj, grid, threshold)
+        quality = prediction_quality(prob, obj, grid, threshold, refine)
         for i, (image, gt_path) in enumerate(chunk):
             gt = np.asarray(Image.open(gt_path).convert("L")) > 127
             seen = resize_square(decode_image(image.read_bytes(), 1 << 30), model.image_size)

@@ -1,7 +1,8 @@
 """Fit a per-mask `quality` score, every choice inside the folds.
 
     python benchmarks/fit_quality.py --per-image FILE.parquet [--score potnet|autosod] \
-        [--variant NAME] [--folds 5] [--refine guided|none] [--shipped]
+        [--variant NAME] [--folds 5] [--refine guided|none] [--signals A,B] [--shipped] \
+        [--no-object CROPS.parquet]
 
 Reads the per-image rows (the `signal_*` columns, IoU and fold of one variant) of
 `benchmarks/quality.py --per-image` for POTNet's score, or of
@@ -22,9 +23,13 @@ Spearman with IoU, calibration error (mean |mean quality - mean IoU| over
 deciles of quality) and the mean IoU of the best 10% / 25% / 50% by quality.
 The last lines fit all folds: the coefficients to ship.
 
-The signals are fixed in advance (the shipped score's). POTNet's were not chosen on
-ECSSD; predict's two were chosen on folds 0-1 (model/quality.py), so read its
-folds 2-4. POTNet's:
+It also prints the held-out quality of masks by the share of the map's border they
+cover; `--no-object` scores object-free images (benchmarks/no_object.py's
+crops, whose right quality is low), each by the model that left out its stem's fold.
+
+The signals are fixed in advance (the shipped score's). POTNet's first eight were not
+chosen on ECSSD; predict's three, and POTNet's ninth (feature_separability, taken from
+predict's), were chosen on folds 0-1 (model/quality.py), so read folds 2-4. POTNet's:
 `fg_fraction` and `consistency_loss` are left out because their correlation
 with IoU changes sign between ECSSD and a held-out set of cluttered scenes
 (+0.06 / -0.16 here, -0.31 / -0.40 there), so they describe the dataset more
@@ -81,12 +86,18 @@ def fit(x: np.ndarray, y: np.ndarray, ridge: float = 1.0) -> np.ndarray:
     return np.concatenate([[a + b * (w[0] - (w[1:] / std) @ mean)], weights])
 
 
-def held_out(x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> np.ndarray:
-    """Each fold scored by a model fit on the others."""
-    out = np.empty(len(y))
-    for f in np.unique(folds):
-        held = folds == f
-        out[held] = predict(fit(x[~held], y[~held]), x[held])
+def fold_fits(x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> dict[int, np.ndarray]:
+    """fold -> the model fit on the other folds."""
+    return {f: fit(x[folds != f], y[folds != f]) for f in np.unique(folds)}
+
+
+def held_out(x: np.ndarray, y: np.ndarray, folds: np.ndarray, fits=None) -> np.ndarray:
+    """Each fold scored by a model fit on the others (`fits`: `fold_fits`' answer, to
+    score other rows of the same folds with the same models)."""
+    fits = fold_fits(x, y, folds) if fits is None else fits
+    out = np.empty(len(x))
+    for f, coef in fits.items():
+        out[folds == f] = predict(coef, x[folds == f])
     return out
 
 
@@ -130,6 +141,28 @@ def load(per_image: str, variant: str, n_folds: int, agreement: str | None = Non
     return frame, signals
 
 
+def describe_no_object(label: str, quality: np.ndarray) -> str:
+    """Quality on images with no object (IoU 0 with any object's mask): low is right."""
+    q25, q50, q75 = np.quantile(quality, [0.25, 0.5, 0.75])
+    below = ", ".join(f"< {t}: {np.mean(quality < t):.2f}" for t in (0.3, 0.4, 0.5))
+    return f"  {label}: median {q50:.3f} (quartiles {q25:.3f} / {q75:.3f}); share {below}"
+
+
+BORDER_BINS = ((0.0, 0.0, "none"), (0.0, 0.1, "up to 10%"), (0.1, 0.2, "10-20%"),
+               (0.2, 0.4, "20-40%"), (0.4, 1.0, "40% or more"))  # fmt: skip
+
+
+def by_border_contact(border: np.ndarray, quality: np.ndarray, iou: np.ndarray) -> list[str]:
+    """Masks binned by the share of the map's border they cover: count, IoU, quality."""
+    lines = []
+    for lo, hi, name in BORDER_BINS:
+        m = border == 0 if hi == 0 else (border > lo) & (border <= hi)
+        if m.any():
+            lines.append(f"  border {name}: {m.sum()} masks, mean IoU {iou[m].mean():.3f}, "
+                         f"mean quality {quality[m].mean():.3f}")  # fmt: skip
+    return lines
+
+
 def describe(label: str, quality: np.ndarray, iou: np.ndarray) -> str:
     f = figures(quality, iou)
     return (
@@ -157,6 +190,11 @@ def main(argv=None) -> int:
         help="--score autosod: the refine.method whose shipped fit --shipped applies",
     )
     p.add_argument("--shipped", action="store_true", help="the shipped score as it is: no fit")
+    p.add_argument(
+        "--no-object",
+        help="per-image rows on object-free images (benchmarks/no_object.py's crops, named by "
+        "the stem they came from): their quality, held-out by that stem's fold",
+    )
     args = p.parse_args(argv)
     score, module, variant = SCORES[args.score]
     if args.score == "autosod":
@@ -173,15 +211,29 @@ def main(argv=None) -> int:
     for name, v in signals.items():
         print(f"  {name:<20} Spearman with IoU {spearmanr(v, y)[0]:+.3f}")
     x = np.column_stack([signals[n] for n in names])
+    crops = load(args.no_object, variant, args.folds) if args.no_object else None
     if args.shipped:  # no fit: the score as it ships, on rows it may never have seen
         shipped = score({n: signals[n] for n in score.signals})
         print(describe(f"shipped {module} score, as it is", shipped, y))
+        for t in (0.3, 0.4, 0.5):  # what a "low quality" rule at t would flag
+            low = shipped < t
+            iou_low = f"{y[low].mean():.3f}" if low.any() else "-"
+            print(f"  quality < {t}: {low.mean():.3f} of the masks, their mean IoU {iou_low}")
+        if crops is not None:
+            print(describe_no_object("object-free images", score(crops[1])))
         return 0
-    quality = held_out(x, y, folds)
+    fits = fold_fits(x, y, folds)
+    quality = held_out(x, y, folds, fits)
     print(f"held-out folds (each scored by a model fit on the others), signals {names}:")
     for f in np.unique(folds):
         print(describe(f"fold {f}", quality[folds == f], y[folds == f]))
     print(describe("pooled", quality, y))
+    if "border_contact" in signals:
+        print("\n".join(by_border_contact(signals["border_contact"], quality, y)))
+    if crops is not None:  # each scored by the model that left out its stem's fold
+        empty = np.column_stack([crops[1][n] for n in names])
+        on_empty = held_out(empty, None, crops[0].fold.to_numpy(), fits)
+        print(describe_no_object("object-free images, held-out by fold", on_empty))
     alone = held_out(signals["separability"][:, None], y, folds)
     print(describe("separability alone, pooled", alone, y))
     coef = fit(x, y)

@@ -112,13 +112,16 @@ def test_saved_model_predicts_the_same(tmp_path):
     save_model(str(tmp_path / "model"), net.state_dict(), meta, {})
     predictor = AutoSODPredictor(str(tmp_path / "model"), {}, device="cpu")
     images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
-    prob, obj = predictor(images)
+    prob, obj, grid = predictor(images)
     want, want_obj = net.predict(torch.as_tensor(images))
     assert np.allclose(prob, want.numpy(), atol=1e-6) and np.allclose(obj, want_obj.numpy())
+    # the tokens come back on their grid, as the encoder made them (for `quality`)
+    tokens = net.encode(torch.as_tensor(images))
+    assert grid.shape == (3, 2, 2, tokens.shape[-1])
+    assert np.allclose(grid.reshape(3, 4, -1), tokens.detach().numpy(), atol=1e-6)
     soft, binary = threshold_at_size(prob[0], 50, 70, 0.5)
     assert soft.shape == binary.shape == (50, 70) and soft.dtype == np.uint8
     # the decoder on the encoder's tokens (a token cache's path) is the same prediction
-    tokens = net.encode(torch.as_tensor(images))
     from_tokens, obj_tokens = net.predict(tokens=tokens)
     assert torch.allclose(from_tokens, want, atol=1e-6) and torch.allclose(obj_tokens, want_obj)
 
@@ -217,7 +220,11 @@ def test_prediction_signals_hand_checked():
     fuzzy[:, :8] = 0.7  # half the image at 0.7, touching the border on 3 sides
     split = clean.copy()
     split[4:12, 7:9] = 0.0  # two pieces of 8 x 3
-    s = prediction_signals(np.stack([clean, fuzzy, split]), np.array([0.9, 0.4, 0.8]))
+    # tokens on the 8 x 8 grid: one feature inside the clean square, another outside
+    tokens = np.zeros((3, 8, 8, 4), np.float32)
+    tokens[..., 0] = 1.0
+    tokens[:, 2:6, 2:6] = [0.0, 3.0, 0.0, 0.0]
+    s = prediction_signals(np.stack([clean, fuzzy, split]), np.array([0.9, 0.4, 0.8]), tokens)
     assert s["separability"] == pytest.approx([1.0, 1.0, 1.0])  # each two-valued
     assert s["decisiveness"] == pytest.approx([1.0, 0.4, 1.0])  # |2p - 1|
     # log(0.001 + fuzzy pixels / mask pixels): none, then 256 / 128
@@ -225,11 +232,39 @@ def test_prediction_signals_hand_checked():
     assert s["largest_component"] == pytest.approx([1.0, 1.0, 0.5])
     assert s["border_contact"] == pytest.approx([0.0, 30 / 60, 0.0])  # 8 + 14 + 8 of 60 ring cells
     assert s["objectness"] == pytest.approx([0.9, 0.4, 0.8])
+    # the clean square is the token clusters' split (no variance within, after the norm);
+    # the left half takes 8 of the 16 inside cells and 24 of the 48 outside: no split at all
+    # (each side's mean is the grid's); on the grid the split square keeps 8 inside cells
+    # (its middle columns average 0.5, not above) and leaves 8 with the 48 outside:
+    # within / total = (2 * 8 * 48 / 56) / (2 * 16 * 48 / 64) = 4 / 7
+    assert s["feature_separability"] == pytest.approx([1.0, 0.0, 3 / 7], abs=1e-6)
     q = prediction_quality(
-        np.stack([clean, fuzzy, np.zeros_like(clean)]), np.array([0.9, 0.4, 0.9])
+        np.stack([clean, fuzzy, np.zeros_like(clean)]), np.array([0.9, 0.4, 0.9]), tokens
     )
     assert ((q[:2] > 0) & (q[:2] < 1)).all() and q[0] > q[1] + 0.2  # the sure mask ranks first
     assert q[2] == 0.0  # an empty mask: no object found, IoU 0 with any object's mask
+
+
+def test_feature_separability_is_the_calinski_harabasz_share():
+    """Between / total variance of the normalised tokens, against scikit-learn's
+    Calinski-Harabasz index of the same two-class split (CH = B / (W / (n - 2)), so
+    B / T = CH / (CH + n - 2)), on random tokens and masks; edge masks score 0."""
+    from sklearn.metrics import calinski_harabasz_score
+
+    from autosod_ray.model.quality import feature_separability
+
+    rng = np.random.default_rng(0)
+    for shift in (0.0, 0.5, 3.0):
+        tokens = rng.normal(size=(6, 7, 16))
+        mask = rng.random((6, 7)) < 0.3
+        tokens[mask] += shift  # a feature split the mask follows, weak to strong
+        f = tokens.reshape(42, 16)
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        ch = calinski_harabasz_score(f, mask.ravel())
+        assert feature_separability(tokens, mask) == pytest.approx(ch / (ch + 40), rel=1e-9)
+    tokens = rng.normal(size=(6, 7, 16))
+    assert feature_separability(tokens, np.zeros((6, 7), bool)) == 0.0
+    assert feature_separability(tokens, np.ones((6, 7), bool)) == 0.0
 
 
 def test_running_box_mean_is_scipys_uniform_filter():

@@ -79,9 +79,15 @@ def test_quality_signals_hand_checked():
     s[0, 0, 0:4] = 0.9  # and a strip on the top border
     attention = np.zeros((1, 8, 8), np.float32)
     attention[0, 2:6, 2:6] = 1.0
-    sig = {k: float(v[0]) for k, v in quality_signals(s, s, attention).items()}
+    features = np.zeros((1, 8, 8, 2), np.float32)
+    features[..., 0] = 1.0
+    features[0, 2:6, 2:6] = [0.0, 1.0]  # the object's own feature
+    sig = {k: float(v[0]) for k, v in quality_signals(s, s, attention, features).items()}
     np.testing.assert_allclose(sig["fg_fraction"], (16 + 4) / 64, rtol=1e-6)
     np.testing.assert_allclose(sig["border_contact"], 4 / 28, rtol=1e-6)  # 4 of 28 ring patches
     np.testing.assert_allclose(sig["largest_component"], 16 / 20, rtol=1e-6)
     assert sig["attention_inside"] == 1.0
     np.testing.assert_allclose(sig["size_vs_attention"], np.log2(20 / 16), rtol=1e-6)
+    # the mask takes the 16 object patches and 4 background ones: within / total =
+    # (2 * 16 * 4 / 20) / (2 * 16 * 48 / 64)
+    np.testing.assert_allclose(sig["feature_separability"], 1 - 6.4 / 24, rtol=1e-5)

@@ -531,13 +531,18 @@ def test_quality_signals_hand_checked():
     attention[3, 3] = 0.75  # three quarters of the CLS attention on the object
     attention[0, 0] = 0.25
     sal = np.stack([clean, split, noisy])
-    s = quality_signals(sal, np.stack([clean, clean, clean]), np.stack([attention] * 3))
+    features = np.stack([clean, 1.0 - clean], axis=-1)  # the object's feature, the rest's
+    s = quality_signals(
+        sal, np.stack([clean, clean, clean]), np.stack([attention] * 3), np.stack([features] * 3)
+    )
     assert separability(clean) == pytest.approx(1.0) and separability(np.ones((4, 4))) == 0.0
     assert s["separability"][0] == pytest.approx(1.0)
     assert s["separability"][0] > s["separability"][2]
     np.testing.assert_allclose(s["largest_component"][:2], [1.0, 8 / 12])
     np.testing.assert_allclose(s["seed_agreement"][:2], [1.0, 12 / 16])
     np.testing.assert_allclose(s["attention_inside"][0], 0.75)
+    assert s["feature_separability"][0] == pytest.approx(1.0)  # the mask is the feature split
+    assert s["feature_separability"][1] < 1.0  # four object patches left outside
     s.update(transport_signals(np.array([60, 60, 60]), np.zeros(3), np.full(3, 0.7)))
     np.testing.assert_allclose(s["log_ot_iterations"], np.log1p(60), rtol=1e-6)
     q = quality_score(s)

@@ -91,14 +91,17 @@ class AutoSODPredictor:
     def image_size(self) -> int:
         return self.model.image_size
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """B x S x S x 3 uint8 -> (B x 2h x 2w float32 probability, B objectness)."""
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """B x S x S x 3 uint8 -> (B x 2h x 2w float32 probability, B objectness, B x h x w x D
+        float32 encoder tokens on their grid: what predict's `quality` reads the mask against)."""
         x = to_uint8_batch(images).to(self.device)
         ctx = (
             torch.autocast(self.device.type, dtype=self.autocast)
             if self.autocast
             else contextlib.nullcontext()
         )
-        with ctx:
-            prob, obj = self.model.predict(x)
-        return prob.float().cpu().numpy(), obj.float().cpu().numpy()
+        with torch.inference_mode(), ctx:
+            tokens = self.model.encode(x)
+            prob, obj = self.model.predict(tokens=tokens)
+        grid = tokens.float().reshape(len(x), *self.model.grid, -1)
+        return prob.float().cpu().numpy(), obj.float().cpu().numpy(), grid.cpu().numpy()

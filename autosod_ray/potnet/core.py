@@ -119,7 +119,12 @@ class POTNet:
         loss = to_numpy(loss).astype(np.float32)
         iterations = to_numpy(ot.iterations).astype(np.int32)
         signals = {
-            **quality_signals(saliency, grid(cams.scores[:, 0]), grid(batch.cls_attention)),
+            **quality_signals(
+                saliency,
+                grid(cams.scores[:, 0]),
+                grid(batch.cls_attention),
+                to_numpy(x).reshape(b, h, w, -1),
+            ),
             **transport_signals(iterations, loss, confidence),
         }
         return POTNetOutput(
