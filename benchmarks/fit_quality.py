@@ -95,7 +95,7 @@ def held_out(x: np.ndarray, y: np.ndarray, folds: np.ndarray, fits=None) -> np.n
     """Each fold scored by a model fit on the others (`fits`: `fold_fits`' answer, to
     score other rows of the same folds with the same models)."""
     fits = fold_fits(x, y, folds) if fits is None else fits
-    out = np.empty(len(x))
+    out = np.full(len(x), np.nan)
     for f, coef in fits.items():
         out[folds == f] = predict(coef, x[folds == f])
     return out
@@ -139,6 +139,16 @@ def load(per_image: str, variant: str, n_folds: int, agreement: str | None = Non
         c[7:]: frame[c].to_numpy(np.float64) for c in frame.columns if c.startswith("signal_")
     }
     return frame, signals
+
+
+def source_folds(stems: pd.Series, frame: pd.DataFrame) -> np.ndarray:
+    """The fold of the image each row was made from (a crop is named by its source's
+    stem), so that it is scored by the model that never saw that image."""
+    fold_by_stem = dict(zip(frame.stem, frame.fold, strict=True))
+    missing = sorted(set(stems) - set(fold_by_stem))
+    if missing:
+        raise SystemExit(f"--no-object rows of images not in --per-image: {missing[:5]}")
+    return stems.map(fold_by_stem).to_numpy()
 
 
 def describe_no_object(label: str, quality: np.ndarray) -> str:
@@ -232,7 +242,7 @@ def main(argv=None) -> int:
         print("\n".join(by_border_contact(signals["border_contact"], quality, y)))
     if crops is not None:  # each scored by the model that left out its stem's fold
         empty = np.column_stack([crops[1][n] for n in names])
-        on_empty = held_out(empty, None, crops[0].fold.to_numpy(), fits)
+        on_empty = held_out(empty, None, source_folds(crops[0].stem, frame), fits)
         print(describe_no_object("object-free images, held-out by fold", on_empty))
     alone = held_out(signals["separability"][:, None], y, folds)
     print(describe("separability alone, pooled", alone, y))

@@ -261,10 +261,26 @@ def test_feature_separability_is_the_calinski_harabasz_share():
         f = tokens.reshape(42, 16)
         f = f / np.linalg.norm(f, axis=1, keepdims=True)
         ch = calinski_harabasz_score(f, mask.ravel())
-        assert feature_separability(tokens, mask) == pytest.approx(ch / (ch + 40), rel=1e-9)
+        assert feature_separability(tokens, mask) == pytest.approx(ch / (ch + 40), rel=1e-6)
     tokens = rng.normal(size=(6, 7, 16))
     assert feature_separability(tokens, np.zeros((6, 7), bool)) == 0.0
     assert feature_separability(tokens, np.ones((6, 7), bool)) == 0.0
+    half = np.zeros((6, 7), bool)
+    half[:3] = True
+    assert feature_separability(np.ones((6, 7, 16)), half) == 0.0  # all alike: no split
+
+
+def test_on_grid_is_the_block_mean():
+    """The map back on the token grid, non-square and at a factor other than 2."""
+    from autosod_ray.model.quality import on_grid
+
+    prob = np.arange(6 * 12, dtype=np.float64).reshape(6, 12)
+    got = on_grid(prob, (2, 4))
+    assert got.shape == (2, 4)
+    assert got[1, 2] == pytest.approx(prob[3:6, 6:9].mean())
+    np.testing.assert_allclose(got.mean(), prob.mean())
+    with pytest.raises(ValueError, match="does not divide"):
+        on_grid(prob, (4, 4))
 
 
 def test_running_box_mean_is_scipys_uniform_filter():

@@ -542,9 +542,41 @@ def test_quality_signals_hand_checked():
     np.testing.assert_allclose(s["seed_agreement"][:2], [1.0, 12 / 16])
     np.testing.assert_allclose(s["attention_inside"][0], 0.75)
     assert s["feature_separability"][0] == pytest.approx(1.0)  # the mask is the feature split
-    assert s["feature_separability"][1] < 1.0  # four object patches left outside
+    # the split mask leaves 4 object patches with the 48 others: within / total =
+    # (2 * 4 * 48 / 52) / (2 * 16 * 48 / 64) = 4 / 13
+    assert s["feature_separability"][1] == pytest.approx(9 / 13, rel=1e-5)
     s.update(transport_signals(np.array([60, 60, 60]), np.zeros(3), np.full(3, 0.7)))
     np.testing.assert_allclose(s["log_ot_iterations"], np.log1p(60), rtol=1e-6)
     q = quality_score(s)
     assert set(QUALITY_SIGNALS) <= set(s) and ((q > 0) & (q < 1)).all()
     assert q[0] > q[2]  # the clean mask scores above the noisy one
+
+
+def test_no_object_crops_are_scored_by_the_model_that_left_out_their_source():
+    """benchmarks/fit_quality.py --no-object: a crop takes the fold of the ECSSD image it
+    was cut from (not a fold of its own among the crops), and is scored by the fit that
+    left that fold out."""
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from fit_quality import fold_fits, held_out, predict, source_folds
+    from folds import fold_of
+
+    stems = [f"{i:04d}" for i in range(1, 51)]
+    frame = pd.DataFrame({"stem": stems, "fold": fold_of(stems, 5)})
+    crops = pd.Series(["0003", "0047", "0048"])  # the first in fold 0, the others in fold 4
+    src = source_folds(crops, frame)
+    np.testing.assert_array_equal(src, [0, 4, 4])
+    assert not (src == fold_of(list(crops), 5)).all()  # the crops' own folds would differ
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 2)), rng.uniform(0.2, 0.9, 50)
+    fits = fold_fits(x, y, frame.fold.to_numpy())
+    extra = rng.normal(size=(3, 2))
+    got = held_out(extra, None, src, fits)
+    want = [predict(fits[f], e[None])[0] for f, e in zip(src, extra, strict=True)]
+    np.testing.assert_allclose(got, want)
+    with pytest.raises(SystemExit, match="0999"):
+        source_folds(pd.Series(["0999"]), frame)

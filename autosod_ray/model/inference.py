@@ -92,9 +92,15 @@ class AutoSODPredictor:
         return self.model.image_size
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """B x S x S x 3 uint8 -> (B x 2h x 2w float32 probability, B objectness, B x h x w x D
-        float32 encoder tokens on their grid: what predict's `quality` reads the mask against)."""
+        """B x S x S x 3 uint8 (S: the model's image_size) -> (B x 2h x 2w float32
+        probability, B objectness, B x h x w x D float32 encoder tokens on their grid: what
+        predict's `quality` reads the mask against)."""
         x = to_uint8_batch(images).to(self.device)
+        if tuple(x.shape[1:3]) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"images of {tuple(x.shape[1:3])} pixels; the model takes squares of "
+                f"{self.image_size} (resize_square them first)"
+            )
         ctx = (
             torch.autocast(self.device.type, dtype=self.autocast)
             if self.autocast

@@ -22,9 +22,12 @@ from ..potnet.quality import (
 
 def on_grid(prob: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """H x W map -> its mean over each cell of an h x w grid that divides it (the pixel
-    decoder's 2h x 2w map back on the token grid)."""
+    decoder's 2h x 2w map back on the token grid). A mask under half of every cell it
+    touches (a sliver) is empty there, and its feature split reads 0."""
     (big_h, big_w), (h, w) = prob.shape, grid
-    return prob.reshape(h, big_h // h, w, big_w // w).mean(axis=(1, 3))
+    if big_h % h or big_w % w:
+        raise ValueError(f"a {big_h} x {big_w} map does not divide into a {h} x {w} grid")
+    return prob.reshape(h, big_h // h, w, big_w // w).mean(axis=(1, 3))  # block means
 
 
 def prediction_signals(

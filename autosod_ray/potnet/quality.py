@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from .boundary import border_patches
 from .mask import otsu_threshold
+from .ops import l2_normalize
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -51,15 +52,17 @@ def feature_separability(tokens: np.ndarray, mask: np.ndarray) -> float:
     """h x w x D encoder tokens + h x w boolean mask on their grid -> the share of the
     L2-normalised tokens' variance that lies between the mask and the rest (1 - within /
     total, in [0, 1]): how well the mask splits what the encoder sees. 0 for a mask that
-    is empty or covers the whole grid."""
-    f = tokens.reshape(-1, tokens.shape[-1]).astype(np.float64)
-    f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    is empty or covers the whole grid, and for tokens that are all alike."""
+    f = l2_normalize(tokens.reshape(-1, tokens.shape[-1]).astype(np.float64))
     inside = mask.ravel()
     if inside.all() or not inside.any():
         return 0.0
-    total = ((f - f.mean(0)) ** 2).sum()
+    total = ((f - f.mean(0)) ** 2).sum()  # total scatter about the grid's mean token
+    if total < 1e-12:
+        return 0.0
+    # within-class scatter: each side about its own mean token
     within = sum(((part - part.mean(0)) ** 2).sum() for part in (f[inside], f[~inside]))
-    return float(1.0 - within / max(total, 1e-12))
+    return float(1.0 - within / total)  # between / total (total = between + within)
 
 
 def quality_signals(
