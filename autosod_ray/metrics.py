@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Iterable
 
 import numpy as np
-import py_sod_metrics as psm
 
 METRIC_KEYS = ("Sm", "wF", "MAE", "maxF", "meanF", "adpF", "maxE", "meanE", "adpE", "IoU")
 
@@ -32,6 +31,8 @@ def image_metrics(soft: np.ndarray, gt: np.ndarray, binary: np.ndarray | None = 
     gt_u8 = np.where(gt if gt.dtype == bool else np.asarray(gt) > 127, 255, 0).astype(np.uint8)
     if soft.shape != gt_u8.shape:
         raise ValueError(f"prediction {soft.shape} and ground truth {gt_u8.shape} differ in size")
+    import py_sod_metrics as psm  # here, not on import: it loads scikit-learn (1-2 s a process)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PySODMetrics marks Fmeasure legacy; it is the standard
         fm = psm.Fmeasure()

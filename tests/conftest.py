@@ -111,11 +111,15 @@ def s3(monkeypatch):
 def start_ray_node(
     args: list[str], log_path: Path, env: dict | None = None
 ) -> tuple[subprocess.Popen, object]:
-    """`ray start --block ...` in its own session, so the test can stop exactly it."""
+    """`ray start --block ...` in its own session, so the test can stop exactly it.
+
+    Its SIGTERM stops it at once: Ray's drain on SIGTERM (for preemptible nodes) would wait
+    up to 30 s for the leases that finished jobs leave on a test node.
+    """
     log = open(log_path, "w")  # noqa: SIM115 - closed by stop_ray_node
     proc = subprocess.Popen(
         ["ray", "start", "--block", *args],
-        env=env or job_env(),
+        env={**(env or job_env()), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -124,15 +128,39 @@ def start_ray_node(
 
 
 def stop_ray_node(proc: subprocess.Popen, log, sig=signal.SIGTERM) -> None:
-    """Stop a node by its own process group (never `ray stop`, which stops every Ray)."""
+    """Stop a node by its own processes (never `ray stop`, which stops every Ray).
+
+    SIGTERM goes to `ray start --block` alone, which stops its own daemons; whatever of its
+    process group outlives it is ended too. SIGKILL: the whole group at once, a node lost.
+    """
     if proc.poll() is None:
-        os.killpg(proc.pid, sig)
+        if sig == signal.SIGKILL:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    _end_group(proc.pid)
     log.close()
+
+
+def _end_group(pgid: int, grace: float = 10.0) -> None:
+    """SIGTERM what is left of a process group we started, SIGKILL it after `grace` s."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 def start_ray_head(temp: Path, num_cpus: int, *extra: str, env: dict | None = None) -> dict:

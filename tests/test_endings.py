@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from autosod_ray.data.lease import LEASE
+from autosod_ray.data.lease import LEASE, LeaseError, OutputLease
 from tests.conftest import BAD, GOOD, driver_of, job_env, start_script, wait_for
 from tests.test_pseudolabel import _written, check_output, job_args, run_job, slow_job_args
 
@@ -73,7 +73,9 @@ def test_sigint_then_sigterm_then_a_rerun_completes(
 ):
     """Ctrl-C (130) and SIGTERM (143, as `ray job stop` sends) each end the run with its
     status and the counts done so far in run.json, one line on stderr and the lease gone;
-    the rerun finishes exactly once, and run.json keeps all three runs."""
+    kill -9 ends a run that holds the lease (a second run is refused meanwhile), and the
+    rerun takes the output over from it; the rerun finishes exactly once, and run.json keeps
+    all four runs."""
     out = tmp_path / "run"
     images, good = longer(dataset, tmp_path / "images", ecssd)
     args = slow_job_args(images, out, weights_path)
@@ -96,11 +98,22 @@ def test_sigint_then_sigterm_then_a_rerun_completes(
         assert before < run["labelled"] < len(good) and run["duplicates"] == 0
         assert run["labelled"] == _written(out)  # the counts are what the output holds
         assert not (out / LEASE).exists()
+    before = _written(out)
+    proc = start_script("jobs/pseudolabel.py", args, env)
+    wait_for(lambda: _written(out) > before, proc)
+    # a second run into the same output while the first lives is refused, naming the first
+    with pytest.raises(LeaseError, match=f"in use by another run.*pid {driver_of(proc.pid)}"):
+        OutputLease(str(out), {}, "a second run").acquire()
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)  # the job dies mid-write (its driver with it)
+    proc.wait()
+    assert before < _written(out) < len(good)
     done = run_job(args, env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "took the output over from a run that is gone" in done.stderr
     check_output(out, good=good)
     run = record(out)
-    assert [r["status"] for r in run["runs"]] == ["interrupted", "terminated",
+    assert [r["status"] for r in run["runs"]] == ["interrupted", "terminated", "abandoned",
                                                    "complete with input errors"]  # fmt: skip
     assert (
         run["runs"][-1]["skipped_already_done"]
@@ -172,7 +185,7 @@ def perturbed_weights(src: Path, dst: Path, seed: int = 0) -> None:
 
 
 @pytest.mark.slow
-def test_weights_are_known_by_content(dataset, tmp_path, weights_path):
+def test_weights_are_known_by_content(dataset, tmp_path, ray_head, weights_path):
     """Replace the weights file at the same path: the rerun is refused, naming the weights'
     digest; move the same file elsewhere: the output is still its own (nothing to do)."""
     images = tmp_path / "images"
@@ -183,7 +196,9 @@ def test_weights_are_known_by_content(dataset, tmp_path, weights_path):
     weights.parent.mkdir()
     shutil.copy(weights_path, weights)
     out = tmp_path / "out"
-    first = run_job(job_args(str(images), str(out), weights), job_env())
+    first = run_job(
+        job_args(str(images), str(out), weights), job_env(RAY_ADDRESS=ray_head["address"])
+    )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     made_by = record(out)["provenance"]["backbone"]["sha256"]
     moved = tmp_path / "elsewhere.safetensors"

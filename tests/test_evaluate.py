@@ -17,11 +17,12 @@ from autosod_ray.metrics import METRIC_KEYS, SODMetrics
 from tests.conftest import PYSOD_REFERENCE_NAMES, REPO, job_env, ray_job_submit
 
 
-def evaluate(*args: str) -> subprocess.CompletedProcess:
+def evaluate(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """jobs/evaluate.py; its own local Ray unless `env` names a cluster."""
     return subprocess.run(
         [sys.executable, "jobs/evaluate.py", *args],
         cwd=REPO,
-        env=job_env(),
+        env=env or job_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -70,7 +71,7 @@ def test_png_folder_equals_published_values_and_single_process(fixtures, tmp_pat
     assert metrics["quality_ranking"] is None  # PNG maps carry no quality
 
 
-def test_parquet_predictions_with_missing_resized_and_unreadable(fixtures, tmp_path):
+def test_parquet_predictions_with_missing_resized_and_unreadable(fixtures, tmp_path, ray_head):
     gt_dir = tmp_path / "gt"
     shutil.copytree(fixtures / "masks", gt_dir)
     Image.new("L", (20, 20)).save(gt_dir / "only_gt.png")
@@ -115,6 +116,7 @@ def test_parquet_predictions_with_missing_resized_and_unreadable(fixtures, tmp_p
         str(gt_dir),
         "--output",
         str(tmp_path / "metrics.json"),
+        env=job_env(RAY_ADDRESS=ray_head["address"]),  # the local Ray: tested above
     )
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((tmp_path / "metrics.json").read_text())

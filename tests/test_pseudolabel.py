@@ -1,4 +1,5 @@
-"""The pseudolabel job end to end: real local Ray, real Parquet, S3 protocol via moto."""
+"""The pseudolabel job end to end: real local Ray, real Parquet (S3 through `ray job submit`:
+test_security.py, on the token-auth head)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,8 @@ from tests.conftest import (
     BAD,
     GOOD,
     MAX_PIXELS,
-    driver_of,
     head_process,
     job_env,
-    ray_job_submit,
     run_script,
     start_script,
     wait_for,
@@ -70,11 +69,14 @@ def check_output(
         assert 0 <= row.fg_fraction <= 1 and np.isfinite(row.consistency_loss)
 
 
-def test_job_labels_a_folder_and_resumes(dataset, tmp_path, weights_path):
+def test_job_labels_a_folder_and_resumes(dataset, tmp_path, ray_head, weights_path):
+    """The first run starts a local Ray (`ray.init()`, as on a laptop); the later runs
+    use the shared test head."""
     out = tmp_path / "run"
     env = job_env()
     done = run_job(job_args(str(dataset), str(out), weights_path), env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Started a local Ray instance" in done.stdout + done.stderr
     assert "labelled  12" in done.stdout and "errors    5" in done.stdout
     assert "pseudolabel  17/17 images  100.0%" in done.stderr  # progress, in images
     assert "5 errors" in done.stderr.split("17/17 images")[-1].splitlines()[0]
@@ -140,7 +142,8 @@ def test_job_labels_a_folder_and_resumes(dataset, tmp_path, weights_path):
 
     write_table_atomic(fsspec.filesystem("file"), str(out / "errors"),
                        pa.Table.from_pylist([row], schema=ERROR_SCHEMA))  # fmt: skip
-    third = run_job(job_args(str(dataset), str(out), weights_path), env)
+    on_head = job_env(RAY_ADDRESS=ray_head["address"])
+    third = run_job(job_args(str(dataset), str(out), weights_path), on_head)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "skipped   16" in third.stdout and "labelled  12" in third.stdout, third.stdout
     check_output(out)  # the transient row is gone, the image is labelled, exactly once
@@ -245,37 +248,6 @@ def test_flags_are_strings_and_only_set_values_are_yaml():
 # ---------------------------------------------------------------- on a Ray head the test starts
 
 
-def test_ray_job_submit_with_s3_input_and_output(dataset, s3, ray_head, weights_path):
-    import s3fs
-
-    fs = s3fs.S3FileSystem(endpoint_url=s3["endpoint"], key="testing", secret="testing")
-    fs.mkdir("data")
-    fs.put(str(dataset), "data/images", recursive=True)
-    args = job_args(
-        "s3://data/images",
-        "s3://data/autosod/run1",
-        weights_path,
-        "--set",
-        f"storage.endpoint_url={s3['endpoint']}",
-    )
-    res = ray_job_submit(ray_head, ["jobs/pseudolabel.py", *args], env_vars=s3["env"])
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert "succeeded" in res.stdout and "labelled  12" in res.stdout
-    masks = pd.concat(
-        pd.read_parquet(io.BytesIO(fs.cat_file(p)))
-        for p in fs.glob("data/autosod/run1/masks/*.parquet")
-    )
-    errors = pd.concat(
-        pd.read_parquet(io.BytesIO(fs.cat_file(p)))
-        for p in fs.glob("data/autosod/run1/errors/*.parquet")
-    )
-    assert masks.source_uri.str.startswith("s3://data/images/").all()
-    check_output(masks, errors)
-    run = json.loads(fs.cat_file("data/autosod/run1/run.json"))
-    assert run["status"] == "complete with input errors"
-    assert run["config"]["refine"]["method"] == "guided"  # the edge refinement, by default
-
-
 def slow_job_args(dataset, out, weights_path) -> list[str]:
     """One image per batch and per file: many small writes, time to fail in between."""
     return job_args(
@@ -296,30 +268,6 @@ def _start_job(args, ray_head) -> subprocess.Popen:
 def _written(out: Path) -> int:
     masks = out / "masks"
     return len([p for p in masks.glob("part-*.parquet")]) if masks.exists() else 0
-
-
-def test_killed_driver_then_rerun_ends_exactly_once(dataset, tmp_path, ray_head, weights_path):
-    out = tmp_path / "run"
-    args = slow_job_args(dataset, out, weights_path)
-    proc = _start_job(args, ray_head)
-    wait_for(lambda: _written(out) >= 2, proc)
-    # a second run into the same output while the first lives is refused, naming the first
-    from autosod_ray.data.lease import LeaseError, OutputLease
-
-    with pytest.raises(LeaseError, match=f"in use by another run.*pid {driver_of(proc.pid)}"):
-        OutputLease(str(out), {}, "a second run").acquire()
-    assert proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)  # the job dies mid-write (its driver with it)
-    proc.wait()
-    partial = _written(out)
-    assert 0 < partial < len(GOOD)
-    rerun = run_job(args, job_env(RAY_ADDRESS=ray_head["address"]))
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    check_output(out)
-    run = json.loads((out / "run.json").read_text())
-    assert run["runs"][-1]["skipped_already_done"] >= partial
-    assert [r["status"] for r in run["runs"]] == ["abandoned", "complete with input errors"]
-    assert "took the output over from a run that is gone" in rerun.stderr
 
 
 def test_killed_actor_is_replaced_and_output_is_exactly_once(

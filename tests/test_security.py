@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 
 from autosod_ray.config import PseudolabelConfig, TrainConfig, load_config, redact_url
 from tests.conftest import REPO, free_port, job_env, start_ray_node, stop_ray_node
-from tests.test_pseudolabel import job_args
+from tests.test_pseudolabel import check_output, job_args
 
 # distinctive fake credentials: any occurrence in an output is a leak, never a coincidence
 FAKE_KEY_ID = "AKIAFAKEAUTOSOD7Q2X9"
@@ -113,9 +112,7 @@ def token_head(tmp_path_factory):
         "token_path": token_path,
         "temp": temp,
     }
-    # SIGKILL to its own process group: every process of this head at once, in a second
-    # (SIGTERM takes half a minute here); the tests have read its logs by now
-    stop_ray_node(proc, log, sig=signal.SIGKILL)
+    stop_ray_node(proc, log)
 
 
 def submit(head: dict, job: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -219,17 +216,18 @@ def leaks(haystack: dict[str, str], secrets: list[str]) -> list[str]:
 
 
 def test_owner_submits_pseudolabel_on_s3_and_no_secret_is_anywhere(
-    token_head, s3, monkeypatch, weights_path, ecssd
+    token_head, s3, monkeypatch, weights_path, dataset
 ):
+    """README's secure cluster end to end: the owner submits pseudolabel on S3 (test_pseudolabel's
+    awkward and bad files: every input in exactly one table, read from and written to S3);
+    no credential is in any output, log or job record."""
     import s3fs
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
     fs = s3fs.S3FileSystem(endpoint_url=s3["endpoint"], key=FAKE_KEY_ID, secret=FAKE_SECRET)
     fs.mkdir("secbucket")
-    for name in ("0001.jpg", "0002.jpg"):
-        fs.pipe(f"secbucket/images/{name}", (ecssd / "images" / name).read_bytes())
-    fs.pipe("secbucket/images/broken.jpg", b"\xff\xd8\xff not a jpeg")  # an errors row
+    fs.put(str(dataset), "secbucket/images", recursive=True)
     args = pseudolabel_args(
         "s3://secbucket/images",
         "s3://secbucket/out",
@@ -241,16 +239,23 @@ def test_owner_submits_pseudolabel_on_s3_and_no_secret_is_anywhere(
     res = submit(token_head, args, owner_env(token_head))
     said = res.stdout + res.stderr
     assert res.returncode == 0, said[-4000:]
-    assert "succeeded" in res.stdout and "labelled  2" in res.stdout and "errors    1" in res.stdout
+    assert "succeeded" in res.stdout and "labelled  12" in res.stdout
+    assert "errors    5" in res.stdout
 
     outputs = s3_haystack(fs, "secbucket/out")
     run = json.loads(fs.cat_file("secbucket/out/run.json"))
+    assert run["status"] == "complete with input errors"
+    assert run["config"]["refine"]["method"] == "guided"  # the edge refinement, by default
     # run.json holds the config's dump: the one test_endpoint_credentials_never_shown redacts
     assert run["config"]["storage"]["endpoint_url"] == s3["endpoint"]
-    errors = pd.concat(
-        pd.read_parquet(io.BytesIO(fs.cat_file(p))) for p in fs.glob("secbucket/out/errors/*")
+    masks, errors = (
+        pd.concat(
+            pd.read_parquet(io.BytesIO(fs.cat_file(p))) for p in fs.glob(f"secbucket/out/{t}/*")
+        )
+        for t in ("masks", "errors")
     )
-    assert list(errors.image_id) == ["broken.jpg"]
+    assert masks.source_uri.str.startswith("s3://secbucket/images/").all()
+    check_output(masks, errors)
     haystack = {
         **outputs,
         "ray job submit's stdout and stderr (the job's logs)": said,
@@ -259,7 +264,7 @@ def test_owner_submits_pseudolabel_on_s3_and_no_secret_is_anywhere(
     }
     # the scan reads what it claims to: the run's own strings are found in it
     assert any("secbucket/images" in t for w, t in haystack.items() if "run.json" in w)
-    assert any("broken.jpg" in t for w, t in haystack.items() if "(decoded)" in w)
+    assert any("bad/empty.jpg" in t for w, t in haystack.items() if "(decoded)" in w)
     assert any("raylet" in w for w in haystack)
     assert "s3://secbucket/out" in haystack["the head's job API"]
     assert not leaks(haystack, [FAKE_KEY_ID, FAKE_SECRET, token_head["token"]])
