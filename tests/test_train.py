@@ -133,6 +133,7 @@ def test_train_two_workers_survive_a_killed_rank_validate_resume_then_predict(
     os.kill(train_worker_pid(ray_head), signal.SIGKILL)  # one DDP rank dies mid-run
     stdout, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, stdout[-5000:]
+    assert "train: resumed from step" in stdout
     resumed = int(stdout.split("train: resumed from step ")[1].split()[0])
     assert 2 <= resumed < 8
     summary = json.loads((out / "train.json").read_text())
