@@ -17,7 +17,7 @@ from .config import PredictConfig
 from .data.uris import InputError, absolute
 from .edge_refine import refiner
 from .model.inference import AutoSODPredictor, load_model, threshold_at_size
-from .model.quality import prediction_quality
+from .model.quality import prediction_quality, quality_settings
 from .pseudolabel import Labelling, run_labelling
 
 
@@ -33,13 +33,12 @@ class _Predictor:
             cfg.model, cfg.storage.options(cfg.model), cfg.device, cfg.precision
         )
 
-        threshold = predictor.meta["model"]["threshold"]
         refine = refiner(cfg.refine, predictor.device)  # on the model's device
 
         def label(images):
-            prob, objectness, tokens = predictor(images)
-            quality = prediction_quality(prob, objectness, tokens, threshold, cfg.refine.method)
-            return refine(prob, images), {"confidence": objectness, "quality": quality}
+            out = predictor(images)
+            quality = prediction_quality(*out, predictor.threshold, cfg.refine.method)
+            return refine(out.prob, images), {"confidence": out.objectness, "quality": quality}
 
         return label
 
@@ -58,6 +57,7 @@ def predict_labelling(cfg: PredictConfig) -> Labelling:
             "model_sha256": meta["sha256"],
             "threshold": meta["model"]["threshold"],
             **cfg.refine.settings(),
+            "quality": quality_settings(cfg.refine.method),
         },
         provenance={
             "model": {"uri": cfg.model, "sha256": meta["sha256"], "steps": meta.get("steps")},

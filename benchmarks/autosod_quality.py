@@ -17,6 +17,7 @@ images are prepared as the predict job prepares them (decode, square resize,
 predict's `refine` (default guided, `--refine none` for the model's grid as it is),
 the model's threshold at the image's own size; tests/test_autosod.py checks the
 decoder on an image's tokens predicts what the model predicts on the image).
+`decoder_s_per_image` counts the decoder passes of `quality`'s `noise_agreement`.
 
 `--teacher-masks DIR` (DIR/binary/<stem>.png, as `benchmarks/quality.py
 --save-masks` writes POTNet's) adds `agreement`: the IoU of each student mask
@@ -48,7 +49,11 @@ from autosod_ray.data.images import decode_image, resize_square  # noqa: E402
 from autosod_ray.edge_refine import REFINEMENTS, refiner  # noqa: E402
 from autosod_ray.metrics import image_metrics, iou  # noqa: E402
 from autosod_ray.model.inference import load_model, threshold_at_size  # noqa: E402
-from autosod_ray.model.quality import prediction_quality, prediction_signals  # noqa: E402
+from autosod_ray.model.quality import (  # noqa: E402
+    noise_agreement,
+    prediction_quality,
+    prediction_signals,
+)
 
 
 def encoder_digest(model) -> str:
@@ -103,11 +108,14 @@ def score_model(
         tokens = torch.from_numpy(np.stack([np.load(folder / f"{p.stem}.npy") for p, _ in chunk]))
         t0 = time.perf_counter()
         prob, obj = model.predict(tokens=tokens.float())
+        agreement = noise_agreement(
+            lambda t: model.predict(tokens=t)[0], tokens.float(), prob, threshold
+        ).numpy()
         prob, obj = prob.numpy(), obj.numpy()
         seconds += time.perf_counter() - t0
         grid = tokens.float().reshape(len(chunk), *model.grid, -1).numpy()
-        signals = prediction_signals(prob, obj, grid, threshold)
-        quality = prediction_quality(prob, obj, grid, threshold, refine)
+        signals = prediction_signals(prob, obj, grid, threshold, agreement)
+        quality = prediction_quality(prob, obj, grid, agreement, threshold, refine)
         for i, (image, gt_path) in enumerate(chunk):
             gt = np.asarray(Image.open(gt_path).convert("L")) > 127
             seen = resize_square(decode_image(image.read_bytes(), 1 << 30), model.image_size)

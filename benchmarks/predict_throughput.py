@@ -9,6 +9,9 @@ measured), in one run on one device: images/s of the network alone, of the guide
 filter (`refine`'s default) alone on its maps, on the same device, and of both,
 and the refinement's time as a share of the network's. This is the figure that
 says whether a GPU predict (or pseudolabel) actor can afford the refinement.
+`nudges_share_of_network` is the share of the network's time spent on the decoder
+passes of `quality`'s `noise_agreement` (model/quality.py): the network timed with
+and without them.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         save_model(tmp, net.state_dict(), meta, {})
         predictor = AutoSODPredictor(tmp, {}, args.device, args.precision)
+        plain = AutoSODPredictor(tmp, {}, args.device, args.precision, nudges=0)
     refine = refiner(RefineSection(method="guided"), predictor.device)
     for batch in args.batch_sizes:
         chunks = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)]
@@ -68,6 +72,10 @@ def main(argv=None) -> int:
             for c in chunks:
                 predictor(c)
 
+        def network_without_nudges(chunks=chunks):
+            for c in chunks:
+                plain(c)
+
         def refinement(chunks=chunks, maps=maps):
             for c, m in zip(chunks, maps, strict=True):
                 refine(m, c)
@@ -76,16 +84,20 @@ def main(argv=None) -> int:
             for c in chunks:
                 refine(predictor(c)[0], c)
 
-        t_net, t_ref, t_both = (timed(fn, args.device, 2) for fn in (network, refinement, both))
+        t_net, t_plain, t_ref, t_both = (
+            timed(fn, args.device, 2) for fn in (network, network_without_nudges, refinement, both)
+        )
         row = {"batch": batch, "network_ips": n / t_net, "refine_ips": n / t_ref,
-               "end_to_end_ips": n / t_both, "refine_share_of_network": t_ref / t_net}  # fmt: skip
+               "end_to_end_ips": n / t_both, "refine_share_of_network": t_ref / t_net,
+               "nudges_share_of_network": 1.0 - t_plain / t_net}  # fmt: skip
         rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     device = torch.cuda.get_device_name() if predictor.device.type == "cuda" else "cpu"
     precision = "bf16" if predictor.autocast else "fp32"
     report = {"device": device, "precision": precision, "image_size": size, "rows": rows,
               "torch_threads": torch.get_num_threads()}  # fmt: skip
-    cols = ("network_ips", "refine_ips", "end_to_end_ips", "refine_share_of_network")
+    cols = ("network_ips", "refine_ips", "end_to_end_ips", "refine_share_of_network",
+            "nudges_share_of_network")  # fmt: skip
     print(f"device: {device}, {precision}, {size} px\n| batch | " + " | ".join(cols) + " |")
     print("|---" * (1 + len(cols)) + "|")
     for r in rows:

@@ -112,8 +112,9 @@ def test_saved_model_predicts_the_same(tmp_path):
     save_model(str(tmp_path / "model"), net.state_dict(), meta, {})
     predictor = AutoSODPredictor(str(tmp_path / "model"), {}, device="cpu")
     images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
-    prob, obj, grid = predictor(images)
+    prob, obj, grid, agreement = predictor(images)
     want, want_obj = net.predict(torch.as_tensor(images))
+    assert agreement.shape == (3,) and ((agreement >= 0) & (agreement <= 1)).all()
     assert np.allclose(prob, want.numpy(), atol=1e-6) and np.allclose(obj, want_obj.numpy())
     # the tokens come back on their grid, as the encoder made them (for `quality`)
     tokens = net.encode(torch.as_tensor(images))
@@ -224,7 +225,9 @@ def test_prediction_signals_hand_checked():
     tokens = np.zeros((3, 8, 8, 4), np.float32)
     tokens[..., 0] = 1.0
     tokens[:, 2:6, 2:6] = [0.0, 3.0, 0.0, 0.0]
-    s = prediction_signals(np.stack([clean, fuzzy, split]), np.array([0.9, 0.4, 0.8]), tokens)
+    s = prediction_signals(
+        np.stack([clean, fuzzy, split]), np.array([0.9, 0.4, 0.8]), tokens, 0.5, [1.0, 0.5, 0.9]
+    )
     assert s["separability"] == pytest.approx([1.0, 1.0, 1.0])  # each two-valued
     assert s["decisiveness"] == pytest.approx([1.0, 0.4, 1.0])  # |2p - 1|
     # log(0.001 + fuzzy pixels / mask pixels): none, then 256 / 128
@@ -238,11 +241,51 @@ def test_prediction_signals_hand_checked():
     # (its middle columns average 0.5, not above) and leaves 8 with the 48 outside:
     # within / total = (2 * 8 * 48 / 56) / (2 * 16 * 48 / 64) = 4 / 7
     assert s["feature_separability"] == pytest.approx([1.0, 0.0, 3 / 7], abs=1e-6)
-    q = prediction_quality(
-        np.stack([clean, fuzzy, np.zeros_like(clean)]), np.array([0.9, 0.4, 0.9]), tokens
-    )
+    # log(0.001 + 1 - agreement); without the agreements the signal is NaN, not a guess
+    assert s["noise_disagreement"] == pytest.approx(np.log([1e-3, 0.501, 0.101]), rel=1e-5)
+    assert np.isnan(prediction_signals(np.stack([clean]), [0.9], tokens[:1])["noise_disagreement"])
+    # the fuzzy map moves under the nudges (its pixels sit near the threshold)
+    maps = np.stack([clean, fuzzy, np.zeros_like(clean)])
+    q = prediction_quality(maps, np.array([0.9, 0.4, 0.9]), tokens, [1.0, 0.7, 1.0])
     assert ((q[:2] > 0) & (q[:2] < 1)).all() and q[0] > q[1] + 0.2  # the sure mask ranks first
     assert q[2] == 0.0  # an empty mask: no object found, IoU 0 with any object's mask
+    # the same sure mask, moved by the nudges, is trusted less; so is the split square,
+    # which the features do not follow as well, when it is as stable as the clean one
+    nudged = prediction_quality(maps, np.array([0.9, 0.4, 0.9]), tokens, [0.6, 0.7, 1.0])
+    assert nudged[0] < q[0] - 0.1
+    split_q = prediction_quality(split[None], [0.8], tokens[2:], [1.0])
+    assert 0 < split_q[0] < q[0]
+
+
+def test_noise_agreement_against_a_hand_computed_draw():
+    """`noise_agreement` on a decoder whose answer is known (the sign of token channel 0,
+    upsampled 2x as the pixel decoder's map is): a mask far from the threshold agrees
+    under every nudge, one on the edge of it moves, the value of one draw equals the IoU
+    computed here from `token_noise` itself, and an image's value does not depend on its
+    batch (the same fixed draws for every image)."""
+    from autosod_ray.model.quality import NOISE_SCALE, noise_agreement, token_noise
+
+    def decode(tokens):  # B x 16 x D -> B x 8 x 8 probability on the 2x grid
+        grid = torch.sigmoid(50.0 * tokens[..., 0]).reshape(-1, 4, 4)
+        return grid.repeat_interleave(2, 1).repeat_interleave(2, 2)
+
+    rng = np.random.default_rng(0)
+    tokens = torch.as_tensor(rng.normal(size=(3, 16, 8)), dtype=torch.float32)
+    tokens[0, :, 0] = torch.where(torch.arange(16) < 6, 10.0, -10.0)  # far from the edge
+    tokens[1, :, 0] = torch.where(torch.arange(16) < 6, 0.05, -0.05)  # on the edge
+    prob = decode(tokens)
+    agreement = noise_agreement(decode, tokens, prob)
+    assert agreement[0] == 1.0 and agreement[1] < 0.9
+    # one draw, by hand
+    noise = token_noise(1, 16, 8)[0]
+    spread = tokens[2].std()
+    nudged = decode((tokens[2] + NOISE_SCALE * spread * noise)[None])[0] > 0.5
+    mask = prob[2] > 0.5
+    want = (mask & nudged).sum() / (mask | nudged).sum()
+    assert noise_agreement(decode, tokens[2:], prob[2:], draws=1)[0] == pytest.approx(float(want))
+    # batch independence, and no nudge at all agrees exactly
+    assert torch.equal(noise_agreement(decode, tokens[1:2], prob[1:2]), agreement[1:2])
+    assert torch.equal(noise_agreement(decode, tokens, prob, scale=0.0), torch.ones(3))
 
 
 def test_feature_separability_is_the_calinski_harabasz_share():

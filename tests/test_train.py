@@ -174,6 +174,10 @@ def test_train_two_workers_survive_a_killed_rank_validate_resume_then_predict(
     run = json.loads((pred / "run.json").read_text())
     assert again.returncode == 0 and run["runs"][-1]["skipped_already_done"] == N_IMAGES + 1
     assert run["provenance"]["model"]["sha256"] == meta_sha(out / "model")  # made by it
+    # and scored by this fit of `quality` (a resume never mixes two scores' rows)
+    from autosod_ray.model.quality import quality_settings
+
+    assert run["settings"]["quality"] == quality_settings("guided")
 
 
 def test_quality_filter_keeps_the_best_masks(pseudo_masks, ray_head, tmp_path):

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import posixpath
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from ..config import BackboneConfig, ModelConfig
 from ..data.uris import InputError, open_fs
 from ..potnet.mask import upsample
 from .autosod import AutoSOD, build_autosod, to_uint8_batch
+from .quality import NOISE_DRAWS, noise_agreement
 
 WEIGHTS, META = "model.safetensors", "model.json"
 
@@ -75,12 +77,30 @@ def threshold_at_size(
     return np.round(soft * 255).astype(np.uint8), soft > threshold
 
 
+class Prediction(NamedTuple):
+    """A batch's answer, B rows each: what predict writes and what its `quality` reads."""
+
+    prob: np.ndarray  # B x 2h x 2w float32 mask probability of the best query
+    objectness: np.ndarray  # B, that query's
+    tokens: np.ndarray  # B x h x w x D float32 encoder tokens on their grid
+    noise_agreement: np.ndarray  # B (model/quality.py)
+
+
 class AutoSODPredictor:
     """Batches of square uint8 images -> best-query mask probability and objectness."""
 
     def __init__(
-        self, uri: str, storage_options: dict, device: str = "auto", precision: str = "auto"
+        self,
+        uri: str,
+        storage_options: dict,
+        device: str = "auto",
+        precision: str = "auto",
+        nudges: int = NOISE_DRAWS,
     ):
+        """`nudges`: the decoder passes on nudged tokens of `noise_agreement`, which
+        predict's `quality` is fit to; 0 skips them (NaN agreement: a benchmark's view of
+        what they cost)."""
+        self.nudges = nudges
         self.model, self.meta = load_model(uri, storage_options)
         self.device = resolve_device(device)
         self.model.to(self.device)
@@ -91,10 +111,14 @@ class AutoSODPredictor:
     def image_size(self) -> int:
         return self.model.image_size
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """B x S x S x 3 uint8 (S: the model's image_size) -> (B x 2h x 2w float32
-        probability, B objectness, B x h x w x D float32 encoder tokens on their grid: what
-        predict's `quality` reads the mask against)."""
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["model"]["threshold"])
+
+    def __call__(self, images: np.ndarray) -> Prediction:
+        """B x S x S x 3 uint8 (S: the model's image_size) -> the mask probability, its
+        objectness, and what predict's `quality` reads the mask against: the encoder
+        tokens and the masks' agreement with the decoder's on nudged tokens."""
         x = to_uint8_batch(images).to(self.device)
         if tuple(x.shape[1:3]) != (self.image_size, self.image_size):
             raise ValueError(
@@ -109,5 +133,21 @@ class AutoSODPredictor:
         with torch.inference_mode(), ctx:
             tokens = self.model.encode(x)
             prob, obj = self.model.predict(tokens=tokens)
+            agreement = (
+                noise_agreement(
+                    lambda t: self.model.predict(tokens=t)[0],
+                    tokens,
+                    prob,
+                    self.threshold,
+                    draws=self.nudges,
+                )
+                if self.nudges
+                else torch.full((len(x),), float("nan"))
+            )
         grid = tokens.float().reshape(len(x), *self.model.grid, -1)
-        return prob.float().cpu().numpy(), obj.float().cpu().numpy(), grid.cpu().numpy()
+        return Prediction(
+            prob.float().cpu().numpy(),
+            obj.float().cpu().numpy(),
+            grid.cpu().numpy(),
+            agreement.float().cpu().numpy(),
+        )

@@ -2,14 +2,19 @@
 ground truth): the predict job's `quality` column, read like POTNet's.
 
 `prediction_signals` measures per-image properties of the best query's mask
-probability; `PREDICTION_QUALITY` combines them into an estimate of the mask's IoU
-with a human mask, so a self-training round can keep the student's surest masks
-as the first round kept the teacher's.
+probability; `noise_agreement` asks the decoder again on nudged encoder tokens;
+`PREDICTION_QUALITY` combines them into an estimate of the mask's IoU with a human
+mask, so a self-training round can keep the student's surest masks as the first round
+kept the teacher's.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
+import torch
 
 from ..potnet.quality import (
     QualityScore,
@@ -31,7 +36,11 @@ def on_grid(prob: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 
 
 def prediction_signals(
-    prob: np.ndarray, objectness: np.ndarray, tokens: np.ndarray, threshold: float = 0.5
+    prob: np.ndarray,
+    objectness: np.ndarray,
+    tokens: np.ndarray,
+    threshold: float = 0.5,
+    noise_agreement: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-image views of how trustworthy a predicted mask is, each B, from the B x H x W
     mask probability of the chosen query, its B objectness and the B x h x w x D encoder
@@ -47,12 +56,18 @@ def prediction_signals(
     - objectness: the chosen query's own score (sigmoid);
     - feature_separability: how well the mask, on the token grid, splits the encoder's
       features (`feature_separability`): a view the decoder's confidence does not give,
-      low for a sure mask cut in the wrong place.
+      low for a sure mask cut in the wrong place;
+    - noise_disagreement: log(0.001 + 1 - `noise_agreement`), from its B values (NaN
+      when none are given): how far the mask moves when the tokens are nudged.
     """
+    prob = np.asarray(prob, np.float32)
+    agreement = (
+        np.full(len(prob), np.nan, np.float32)
+        if noise_agreement is None
+        else np.asarray(noise_agreement, np.float32)
+    )
     rows = []
-    for p, o, t in zip(
-        np.asarray(prob, np.float32), np.asarray(objectness, np.float32), tokens, strict=True
-    ):
+    for p, o, t, a in zip(prob, np.asarray(objectness, np.float32), tokens, agreement, strict=True):
         mask = p > threshold
         area = max(int(mask.sum()), 1)
         rows.append(
@@ -64,6 +79,7 @@ def prediction_signals(
                 border_contact(mask),
                 float(o),
                 feature_separability(t, on_grid(p, t.shape[:2]) > threshold),
+                float(np.log(1e-3 + 1.0 - a)),  # NaN in, NaN out
             )
         )
     table = np.asarray(rows, np.float32).reshape(-1, len(PREDICTION_SIGNAL_NAMES))
@@ -78,45 +94,100 @@ PREDICTION_SIGNAL_NAMES = (
     "border_contact",
     "objectness",
     "feature_separability",
+    "noise_disagreement",
 )
+
+# the nudge of `noise_agreement`, chosen on folds 0-1 of student-0's ECSSD masks (scale
+# 0.25 / 0.5 / 1.0 of the tokens' spread, 1 or 3 draws: benchmarks/results/
+# prediction_noise_choice_folds01.txt); PREDICTION_QUALITY is fit to these values
+NOISE_SCALE, NOISE_DRAWS, NOISE_SEED = 0.5, 3, 0
+
+
+@functools.lru_cache(maxsize=4)
+def token_noise(draws: int, n: int, d: int, seed: int = NOISE_SEED) -> torch.Tensor:
+    """draws x N x D standard normal noise, the same on every call (a fixed generator on
+    the CPU, made once per shape): every image gets the same nudges, whatever batch it is
+    in, so an image's quality does not depend on its neighbours or the run. Read only."""
+    return torch.randn(draws, n, d, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.inference_mode()
+def noise_agreement(
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    tokens: torch.Tensor,
+    prob: torch.Tensor,
+    threshold: float = 0.5,
+    scale: float = NOISE_SCALE,
+    draws: int = NOISE_DRAWS,
+) -> torch.Tensor:
+    """`decode` (B x N x D tokens -> B x H x W mask probability), the B x N x D tokens it
+    read and the B x H x W probability it made of them -> B: the mean IoU of the mask with
+    the masks it makes of the tokens plus Gaussian noise of `scale` x each image's token
+    standard deviation (`draws` fixed draws). 1 for a mask the nudges do not move; a mask
+    that hangs on a few tokens, or that the decoder was unsure how to cut, moves. An
+    image whose masks are all empty agrees (1)."""
+    b, n, d = tokens.shape
+    noise = token_noise(draws, n, d).to(tokens.device, tokens.dtype)
+    spread = tokens.float().std(dim=(1, 2), keepdim=True).to(tokens.dtype)  # per image
+    mask = (prob > threshold).reshape(b, -1)
+    total = torch.zeros(b, device=tokens.device)
+    for k in range(draws):
+        nudged = decode(tokens + scale * spread * noise[k]).reshape(b, -1) > threshold
+        union = (mask | nudged).sum(1).float()
+        inter = (mask & nudged).sum(1).float()
+        total += torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return total / draws
+
 
 # Fit on ECSSD's 1000 images as predicted by student-0 of jobs/selftrain.py (the default
 # configs/selftrain-cpu.yaml, trained on POTNet's refined masks of ../shared/data/unlabeled):
 # benchmarks/autosod_quality.py, then benchmarks/fit_quality.py --score autosod. The
-# signals were chosen on folds 0-1: the map's own (the rim, the largest piece) and the
-# encoder's (feature_separability, which lifts the ranking most on later students, whose
-# maps are surer); the others add nothing there (the maps are nearly binary, so
-# separability and decisiveness saturate; objectness is all but constant). The IoU they
-# estimate is that of the mask predict writes, so each `refine.method` has its fit (the
-# guided filter's masks are better). Held-out folds: README, "Train and predict",
-# "Quality of predict's masks".
+# signals were chosen on folds 0-1: one from the encoder (feature_separability, which the
+# decoder's confidence does not change) and one from the decoder asked again
+# (noise_disagreement: a sure mask cut in the wrong place is seldom a stable one). The
+# map's own signals add nothing beside them there (the rim and the largest piece did before
+# the nudges; the maps are nearly binary, so separability and decisiveness saturate;
+# objectness is all but constant). The IoU they estimate is that of the mask predict
+# writes, so each `refine.method` has its fit (the guided filter's masks are better).
+# Held-out folds: README, "Train and predict", "Quality of predict's masks".
 PREDICTION_QUALITY = {
     "guided": QualityScore(
-        signals=("uncertain_band", "largest_component", "feature_separability"),
-        intercept=-2.5313,
-        weights=(-0.4281, 0.8695, 2.6223),
+        signals=("feature_separability", "noise_disagreement"),
+        intercept=-2.0523,
+        weights=(1.5482, -0.7763),
     ),
     "none": QualityScore(
-        signals=("uncertain_band", "largest_component", "feature_separability"),
-        intercept=-2.4365,
-        weights=(-0.3802, 0.8368, 2.6315),
+        signals=("feature_separability", "noise_disagreement"),
+        intercept=-1.8994,
+        weights=(1.7475, -0.6632),
     ),
 }
+
+
+def quality_settings(refine: str) -> dict:
+    """What makes predict's `quality` for masks refined by `refine`: the fit and the
+    nudges it was fit to (for the predict job's `settings` and config hash)."""
+    return {
+        **PREDICTION_QUALITY[refine].settings(),
+        "noise": {"scale": NOISE_SCALE, "draws": NOISE_DRAWS, "seed": NOISE_SEED},
+    }
 
 
 def prediction_quality(
     prob: np.ndarray,
     objectness: np.ndarray,
     tokens: np.ndarray,
+    noise_agreement: np.ndarray,
     threshold: float = 0.5,
     refine: str = "guided",
 ):
     """B x H x W mask probability (the network's own) + B objectness + B x h x w x D
-    encoder tokens -> B quality in [0, 1), higher = better: the estimated IoU of the mask
-    `refine` makes of it. An empty mask scores 0: its IoU with a human mask of any object
-    is 0 (the signals, made for a mask, would read it as a clean one)."""
+    encoder tokens + B `noise_agreement` -> B quality in [0, 1), higher = better: the
+    estimated IoU of the mask `refine` makes of it. An empty mask scores 0: its IoU with a
+    human mask of any object is 0 (the signals, made for a mask, would read it as a clean
+    one)."""
     prob = np.asarray(prob, np.float32)
     score = PREDICTION_QUALITY[refine]
-    quality = score(prediction_signals(prob, objectness, tokens, threshold))
+    quality = score(prediction_signals(prob, objectness, tokens, threshold, noise_agreement))
     empty = ~(prob > threshold).reshape(len(prob), -1).any(axis=1)
     return np.where(empty, np.float32(0.0), quality).astype(np.float32)

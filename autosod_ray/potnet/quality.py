@@ -146,6 +146,12 @@ class QualityScore:
         )
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
+    def settings(self) -> dict:
+        """What makes the score, for a labelling job's `settings` (and so its config
+        hash): an output never mixes rows scored by two different fits."""
+        return {"signals": list(self.signals), "intercept": self.intercept,
+                "weights": list(self.weights)}  # fmt: skip
+
 
 # POTNet's score. Fit on ECSSD's 1000 images with the default config (benchmarks/fit_quality.py:
 # a ridge regression of IoU's rank normal scores on the standardised signals, then a sigmoid
