@@ -37,7 +37,14 @@ class _Predictor:
 
         def label(images):
             out = predictor(images)
-            quality = prediction_quality(*out, predictor.threshold, cfg.refine.method)
+            quality = prediction_quality(
+                out.prob,
+                out.objectness,
+                out.tokens,
+                out.noise_agreement,
+                threshold=predictor.threshold,
+                refine=cfg.refine.method,
+            )
             return refine(out.prob, images), {"confidence": out.objectness, "quality": quality}
 
         return label

@@ -17,7 +17,7 @@ images=$shared/data/ecssd/images
   nproc; } 2>&1 | tee "$out/machine.txt"
 timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -rs \
   tests/test_cuda.py tests/test_autosod.py 2>&1 | tee "$out/tests.txt"
-timeout "${PREDICT_S:-120}" python3 benchmarks/predict_throughput.py --images "$images" \
+timeout "${PREDICT_S:-150}" python3 benchmarks/predict_throughput.py --images "$images" \
   --weights "$weights" --device cuda --batch-sizes 16 64 --limit 64 \
   --json "$out/predict_gpu.json" 2>&1 | tee "$out/predict.txt"
 timeout "${CORE_S:-240}" python3 benchmarks/core_throughput.py --images "$images" \

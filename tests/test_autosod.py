@@ -12,7 +12,7 @@ from autosod_ray.data.augment import augment_pair, color_jitter, random_resized_
 from autosod_ray.model import autosod_loss, build_autosod, dice_loss, ranking_loss
 from autosod_ray.model.autosod import AutoSODOutput
 from autosod_ray.model.inference import AutoSODPredictor, save_model, threshold_at_size
-from autosod_ray.model.quality import prediction_quality, prediction_signals
+from autosod_ray.model.quality import noise_agreement, prediction_quality, prediction_signals
 from autosod_ray.train.loop import lr_factor, param_groups
 
 TINY = ModelConfig(num_queries=4, decoder_layers=2, width=32, heads=4, ffn_width=64)
@@ -114,7 +114,6 @@ def test_saved_model_predicts_the_same(tmp_path):
     images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
     prob, obj, grid, agreement = predictor(images)
     want, want_obj = net.predict(torch.as_tensor(images))
-    assert agreement.shape == (3,) and ((agreement >= 0) & (agreement <= 1)).all()
     assert np.allclose(prob, want.numpy(), atol=1e-6) and np.allclose(obj, want_obj.numpy())
     # the tokens come back on their grid, as the encoder made them (for `quality`)
     tokens = net.encode(torch.as_tensor(images))
@@ -125,6 +124,33 @@ def test_saved_model_predicts_the_same(tmp_path):
     # the decoder on the encoder's tokens (a token cache's path) is the same prediction
     from_tokens, obj_tokens = net.predict(tokens=tokens)
     assert torch.allclose(from_tokens, want, atol=1e-6) and torch.allclose(obj_tokens, want_obj)
+    # and the nudges' agreement is `noise_agreement` of this decoder on these tokens
+    nudged = noise_agreement(lambda t: net.predict(tokens=t)[0], tokens, want, 0.5)
+    assert np.allclose(agreement, nudged.numpy(), atol=1e-6) and agreement.shape == (3,)
+
+
+def test_predict_hashes_the_quality_fit_it_scores_with(tmp_path, monkeypatch):
+    """predict's `settings` (its config hash) carry the fit of `quality` for the masks it
+    writes and the nudges it reads: another refinement, or another fit of the same one, is
+    another hash, so a resume never mixes rows of two scores."""
+    from autosod_ray.config import PredictConfig, RefineSection
+    from autosod_ray.model.quality import PREDICTION_QUALITY, QualityScore, quality_settings
+    from autosod_ray.predict import predict_labelling
+
+    meta = {"backbone": {"name": "vit_tiny_patch16_224", "image_size": 32, "device": "cpu"},
+            "model": TINY.model_dump(), "image_size": 32, "patch_size": 16}  # fmt: skip
+    save_model(str(tmp_path / "model"), tiny_net().state_dict(), meta, {})
+    cfg = PredictConfig(model=str(tmp_path / "model"))
+    guided = predict_labelling(cfg)
+    none = predict_labelling(cfg.model_copy(update={"refine": RefineSection(method="none")}))
+    assert guided.settings["quality"] == quality_settings("guided")
+    assert guided.settings["quality"]["weights"] == list(PREDICTION_QUALITY["guided"].weights)
+    assert guided.settings["quality"]["noise"] == {"scale": 0.5, "draws": 3, "seed": 0}
+    assert none.settings["quality"] == quality_settings("none") != guided.settings["quality"]
+    assert guided.config_hash != none.config_hash
+    refit = QualityScore(("feature_separability",), 0.0, (1.0,))
+    monkeypatch.setitem(PREDICTION_QUALITY, "guided", refit)
+    assert predict_labelling(cfg).config_hash != guided.config_hash
 
 
 def test_overfits_a_fixed_batch_of_real_images(ecssd, weights_path):
@@ -244,7 +270,8 @@ def test_prediction_signals_hand_checked():
     # log(0.001 + 1 - agreement); without the agreements the signal is NaN, not a guess
     assert s["noise_disagreement"] == pytest.approx(np.log([1e-3, 0.501, 0.101]), rel=1e-5)
     assert np.isnan(prediction_signals(np.stack([clean]), [0.9], tokens[:1])["noise_disagreement"])
-    # the fuzzy map moves under the nudges (its pixels sit near the threshold)
+    # given a lower agreement for the fuzzy map (its pixels sit near the threshold, where
+    # the nudges move them)
     maps = np.stack([clean, fuzzy, np.zeros_like(clean)])
     q = prediction_quality(maps, np.array([0.9, 0.4, 0.9]), tokens, [1.0, 0.7, 1.0])
     assert ((q[:2] > 0) & (q[:2] < 1)).all() and q[0] > q[1] + 0.2  # the sure mask ranks first

@@ -127,17 +127,6 @@ def test_the_refinement_enters_the_labelling_hash_only_when_on():
     assert PredictConfig().refine == on.refine  # one filter, one default, in both jobs
 
 
-def test_predict_hashes_the_quality_fit_of_its_refinement():
-    """predict's `settings` carry the fit of `quality` for the masks it writes and the
-    nudges it reads: another fit (or refinement) is another config hash."""
-    from autosod_ray.model.quality import NOISE_DRAWS, PREDICTION_QUALITY, quality_settings
-
-    guided, none = quality_settings("guided"), quality_settings("none")
-    assert guided["weights"] == list(PREDICTION_QUALITY["guided"].weights)
-    assert guided["noise"]["draws"] == NOISE_DRAWS and guided["signals"] == none["signals"]
-    assert config_hash({"quality": guided}) != config_hash({"quality": none})
-
-
 def test_every_refinement_the_config_offers_exists_and_has_a_quality_fit():
     """A method the config accepts but the actors cannot run would fail every image inside
     the cluster instead of the config before it: the three lists are one."""

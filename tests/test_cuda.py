@@ -83,11 +83,13 @@ def test_autosod_predicts_on_cuda_as_on_cpu(ecssd, weights_path, tmp_path):
     model = str(tmp_path / "model")
     cpu, cpu_obj, cpu_tokens, cpu_agree = AutoSODPredictor(model, {}, "cpu", "fp32")(images)
     gpu, gpu_obj, gpu_tokens, gpu_agree = AutoSODPredictor(model, {}, "cuda", "fp32")(images)
-    bf16, _, _, _ = AutoSODPredictor(model, {}, "cuda", "bf16")(images)
+    bf16, _, _, bf16_agree = AutoSODPredictor(model, {}, "cuda", "bf16")(images)
     np.testing.assert_allclose(gpu, cpu, atol=2e-3)
     np.testing.assert_allclose(gpu_obj, cpu_obj, atol=2e-3)
     np.testing.assert_allclose(gpu_tokens, cpu_tokens, atol=2e-2)
     np.testing.assert_allclose(gpu_agree, cpu_agree, atol=0.05)  # the same nudges on the GPU
+    # predict's GPU default (bf16): the score was fit to fp32 agreements on the CPU
+    np.testing.assert_allclose(bf16_agree, cpu_agree, atol=0.15)
     assert np.abs(bf16 - cpu).mean() < 0.02
 
 
