@@ -37,15 +37,17 @@ class _Predictor:
 
         def label(images):
             out = predictor(images)
+            refined = refine(out.prob, images)
             quality = prediction_quality(
                 out.prob,
                 out.objectness,
                 out.tokens,
                 out.noise_agreement,
+                refined,
                 threshold=predictor.threshold,
                 refine=cfg.refine.method,
             )
-            return refine(out.prob, images), {"confidence": out.objectness, "quality": quality}
+            return refined, {"confidence": out.objectness, "quality": quality}
 
         return label
 

@@ -114,13 +114,16 @@ def score_model(
         prob, obj = prob.numpy(), obj.numpy()
         seconds += time.perf_counter() - t0
         grid = tokens.float().reshape(len(chunk), *model.grid, -1).numpy()
-        signals = prediction_signals(prob, obj, grid, threshold, agreement)
-        quality = prediction_quality(prob, obj, grid, agreement, threshold, refine)
+        seen = np.stack(
+            [resize_square(decode_image(im.read_bytes(), 1 << 30), model.image_size)
+             for im, _ in chunk]
+        )  # fmt: skip
+        maps = refined(prob, seen)
+        signals = prediction_signals(prob, obj, grid, threshold, agreement, maps)
+        quality = prediction_quality(prob, obj, grid, agreement, maps, threshold, refine)
         for i, (image, gt_path) in enumerate(chunk):
             gt = np.asarray(Image.open(gt_path).convert("L")) > 127
-            seen = resize_square(decode_image(image.read_bytes(), 1 << 30), model.image_size)
-            mask = refined(prob[i : i + 1], seen[None])[0]
-            soft, binary = threshold_at_size(mask, *gt.shape, threshold=threshold)
+            soft, binary = threshold_at_size(maps[i], *gt.shape, threshold=threshold)
             m = image_metrics(soft, gt, binary)
             row = {"variant": name, "stem": image.stem, **{k: m[k] for k in PER_IMAGE_METRICS}}
             row.update(F_curve=m["F_curve"], E_curve=m["E_curve"], adpF=m["adpF"], adpE=m["adpE"])

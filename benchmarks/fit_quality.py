@@ -1,8 +1,8 @@
 """Fit a per-mask `quality` score, every choice inside the folds.
 
     python benchmarks/fit_quality.py --per-image FILE.parquet [--score potnet|autosod] \
-        [--variant NAME] [--folds 5] [--refine guided|none] [--signals A,B] [--shipped] \
-        [--no-object CROPS.parquet]
+        [--variant NAME] [--folds 5] [--only-folds 0,1] [--report-folds 2,3,4] \
+        [--refine guided|none] [--signals A,B] [--shipped] [--no-object CROPS.parquet]
 
 Reads the per-image rows (the `signal_*` columns, IoU and fold of one variant) of
 `benchmarks/quality.py --per-image` for POTNet's score, or of
@@ -26,10 +26,17 @@ The last lines fit all folds: the coefficients to ship.
 It also prints the held-out quality of masks by the share of the map's border they
 cover; `--no-object` scores object-free images (benchmarks/no_object.py's
 crops, whose right quality is low), each by the model that left out its stem's fold.
+`--only-folds 0,1` reads those folds' rows alone (and the crops cut from them): each is
+scored by a fit on the others of them, so a choice made there never reads the rest;
+`--report-folds 2,3,4` adds those folds' held-out rows pooled. predict's empty masks
+score 0 (as `prediction_quality` scores them) and are left out of every fit: the score
+never meets them, and one such row (its feature and refined-map splits 0, IoU 0) would
+weigh on a fit as much as a hundred ordinary ones.
 
 The signals are fixed in advance (the shipped score's). POTNet's first eight were not
-chosen on ECSSD; predict's three, and POTNet's ninth (feature_separability, taken from
-predict's), were chosen on folds 0-1 (model/quality.py), so read folds 2-4. POTNet's:
+chosen on ECSSD; predict's (three for refined masks, two unrefined) and POTNet's ninth
+(feature_separability, taken from predict's) were chosen on folds 0-1 (model/quality.py),
+so read folds 2-4. POTNet's:
 `fg_fraction` and `consistency_loss` are left out because their correlation
 with IoU changes sign between ECSSD and a held-out set of cluttered scenes
 (+0.06 / -0.16 here, -0.31 / -0.40 there), so they describe the dataset more
@@ -151,6 +158,15 @@ def source_folds(stems: pd.Series, frame: pd.DataFrame) -> np.ndarray:
     return stems.map(fold_by_stem).to_numpy()
 
 
+def no_mask(score: str, rows: pd.DataFrame) -> np.ndarray:
+    """The rows predict scores 0 without reading a signal: its empty masks
+    (`prediction_quality` scores no other mask exactly 0, so the stored `quality` marks
+    them). They are left out of every fit (the score never meets them) and score 0."""
+    if score != "autosod":
+        return np.zeros(len(rows), bool)
+    return rows.quality.to_numpy() == 0
+
+
 def describe_no_object(label: str, quality: np.ndarray) -> str:
     """Quality on images with no object (IoU 0 with any object's mask): low is right."""
     q25, q50, q75 = np.quantile(quality, [0.25, 0.5, 0.75])
@@ -189,6 +205,10 @@ def main(argv=None) -> int:
     p.add_argument("--score", choices=sorted(SCORES), default="potnet")
     p.add_argument("--variant", help="the rows' variant (default: POTNet's, or the only one)")
     p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--only-folds", help="comma-separated folds: read only their rows (a choice)")
+    p.add_argument(
+        "--report-folds", help="comma-separated folds: their held-out rows pooled (not chosen on)"
+    )
     p.add_argument("--signals", help="comma-separated signals (default: the shipped score's)")
     p.add_argument(
         "--agreement", help="per-image rows of autosod_quality.py --teacher-masks: + agreement"
@@ -215,38 +235,53 @@ def main(argv=None) -> int:
         or pd.read_parquet(args.per_image, columns=["variant"]).variant.iloc[0]
     )
     frame, signals = load(args.per_image, variant, args.folds, args.agreement)
+    crops = load(args.no_object, variant, args.folds) if args.no_object else None
+    if args.only_folds:
+        keep = frame.fold.isin([int(f) for f in args.only_folds.split(",")]).to_numpy()
+        frame, signals = frame[keep], {k: v[keep] for k, v in signals.items()}
+        if crops is not None:  # the crops cut from those folds' images
+            inside = crops[0].stem.isin(frame.stem).to_numpy()
+            crops = crops[0][inside], {k: v[inside] for k, v in crops[1].items()}
     names = args.signals.split(",") if args.signals else list(score.signals)
     y, folds = frame.IoU.to_numpy(np.float64), frame.fold.to_numpy()
     print(f"{len(frame)} images of {variant!r}; mean IoU {y.mean():.3f}")
     for name, v in signals.items():
         print(f"  {name:<20} Spearman with IoU {spearmanr(v, y)[0]:+.3f}")
     x = np.column_stack([signals[n] for n in names])
-    crops = load(args.no_object, variant, args.folds) if args.no_object else None
+    empty = no_mask(args.score, frame)
+    if empty.any():
+        print(f"  {empty.sum()} empty masks: scored 0, as predict does, and left out of the fits")
     if args.shipped:  # no fit: the score as it ships, on rows it may never have seen
-        shipped = score({n: signals[n] for n in score.signals})
+        shipped = np.where(empty, 0.0, score({n: signals[n] for n in score.signals}))
         print(describe(f"shipped {module} score, as it is", shipped, y))
+        print(f"  median quality {np.median(shipped):.3f}")
         for t in (0.3, 0.4, 0.5):  # what a "low quality" rule at t would flag
             low = shipped < t
             iou_low = f"{y[low].mean():.3f}" if low.any() else "-"
             print(f"  quality < {t}: {low.mean():.3f} of the masks, their mean IoU {iou_low}")
         if crops is not None:
-            print(describe_no_object("object-free images", score(crops[1])))
+            on_empty = np.where(no_mask(args.score, crops[0]), 0.0, score(crops[1]))
+            print(describe_no_object("object-free images", on_empty))
         return 0
-    fits = fold_fits(x, y, folds)
-    quality = held_out(x, y, folds, fits)
+    fits = fold_fits(x[~empty], y[~empty], folds[~empty])
+    quality = np.where(empty, 0.0, held_out(x, y, folds, fits))
     print(f"held-out folds (each scored by a model fit on the others), signals {names}:")
     for f in np.unique(folds):
         print(describe(f"fold {f}", quality[folds == f], y[folds == f]))
     print(describe("pooled", quality, y))
+    if args.report_folds:
+        m = np.isin(folds, [int(f) for f in args.report_folds.split(",")])
+        print(describe(f"pooled over folds {args.report_folds}", quality[m], y[m]))
     if "border_contact" in signals:
         print("\n".join(by_border_contact(signals["border_contact"], quality, y)))
     if crops is not None:  # each scored by the model that left out its stem's fold
-        empty = np.column_stack([crops[1][n] for n in names])
-        on_empty = held_out(empty, None, source_folds(crops[0].stem, frame), fits)
+        crop_x = np.column_stack([crops[1][n] for n in names])
+        on_empty = held_out(crop_x, None, source_folds(crops[0].stem, frame), fits)
+        on_empty = np.where(no_mask(args.score, crops[0]), 0.0, on_empty)
         print(describe_no_object("object-free images, held-out by fold", on_empty))
     alone = held_out(signals["separability"][:, None], y, folds)
     print(describe("separability alone, pooled", alone, y))
-    coef = fit(x, y)
+    coef = fit(x[~empty], y[~empty])
     print(f"fit on all folds (what {module} ships):")
     print(f"  signals={tuple(names)!r}")
     print(f"  intercept={coef[0]:.4f}")

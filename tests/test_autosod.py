@@ -6,13 +6,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.ndimage import uniform_filter
 
 from autosod_ray.config import BackboneConfig, ModelConfig, OptimConfig
 from autosod_ray.data.augment import augment_pair, color_jitter, random_resized_crop_box
 from autosod_ray.model import autosod_loss, build_autosod, dice_loss, ranking_loss
 from autosod_ray.model.autosod import AutoSODOutput
 from autosod_ray.model.inference import AutoSODPredictor, save_model, threshold_at_size
-from autosod_ray.model.quality import noise_agreement, prediction_quality, prediction_signals
+from autosod_ray.model.quality import (
+    PREDICTION_SIGNAL_NAMES,
+    noise_agreement,
+    prediction_quality,
+    prediction_signals,
+)
 from autosod_ray.train.loop import lr_factor, param_groups
 
 TINY = ModelConfig(num_queries=4, decoder_layers=2, width=32, heads=4, ffn_width=64)
@@ -251,8 +257,16 @@ def test_prediction_signals_hand_checked():
     tokens = np.zeros((3, 8, 8, 4), np.float32)
     tokens[..., 0] = 1.0
     tokens[:, 2:6, 2:6] = [0.0, 3.0, 0.0, 0.0]
+    # the refined maps: the clean one as it was, the fuzzy one sharpened to 0 / 1 (every
+    # pixel moved by 0.3), the split one blurred to 0.25 / 0.75 (every pixel moved by 0.25)
+    refined = np.stack([clean, (fuzzy > 0.5).astype(np.float32), 0.25 + 0.5 * split])
     s = prediction_signals(
-        np.stack([clean, fuzzy, split]), np.array([0.9, 0.4, 0.8]), tokens, 0.5, [1.0, 0.5, 0.9]
+        np.stack([clean, fuzzy, split]),
+        np.array([0.9, 0.4, 0.8]),
+        tokens,
+        0.5,
+        [1.0, 0.5, 0.9],
+        refined,
     )
     assert s["separability"] == pytest.approx([1.0, 1.0, 1.0])  # each two-valued
     assert s["decisiveness"] == pytest.approx([1.0, 0.4, 1.0])  # |2p - 1|
@@ -269,19 +283,46 @@ def test_prediction_signals_hand_checked():
     assert s["feature_separability"] == pytest.approx([1.0, 0.0, 3 / 7], abs=1e-6)
     # log(0.001 + 1 - agreement); without the agreements the signal is NaN, not a guess
     assert s["noise_disagreement"] == pytest.approx(np.log([1e-3, 0.501, 0.101]), rel=1e-5)
-    assert np.isnan(prediction_signals(np.stack([clean]), [0.9], tokens[:1])["noise_disagreement"])
+    # two-valued maps, however far apart their values, are all separable
+    assert s["refined_separability"] == pytest.approx([1.0, 1.0, 1.0])
+    # log(0.0001 + mean |refined - probability|), the probability at the refined map's size
+    assert s["refine_shift"] == pytest.approx(np.log([1e-4, 0.3001, 0.2501]), rel=1e-5)
+    # a refined map at twice the grid's size is compared with the grid's bilinear
+    # upsampling (half-pixel centres, as the guided filter upsamples it): the step's
+    # columns 0 | 1 become 0, 0.25 | 0.75, 1, which the refined step misses by 0.25 in
+    # two of the 32 columns (nearest upsampling would not miss at all)
+    step = np.zeros((1, 16, 16), np.float32)
+    step[..., 8:] = 1.0
+    refined_step = np.zeros((1, 32, 32), np.float32)
+    refined_step[..., 16:] = 1.0
+    stepped = prediction_signals(step, [0.9], tokens[:1], 0.5, [1.0], refined_step)
+    assert stepped["refine_shift"] == pytest.approx(np.log([1e-4 + 2 * 0.25 / 32]), rel=1e-5)
+    flat = prediction_signals(step, [0.9], tokens[:1], 0.5, [1.0], np.full((1, 32, 32), 0.5))
+    assert flat["refined_separability"] == [0.0]  # a constant map splits nowhere
+    # without the agreements or the refined map, their signals are NaN, not a guess
+    alone = prediction_signals(np.stack([clean]), [0.9], tokens[:1])
+    assert np.isnan([alone[k] for k in PREDICTION_SIGNAL_NAMES[-3:]]).all()
     # given a lower agreement for the fuzzy map (its pixels sit near the threshold, where
-    # the nudges move them)
+    # the nudges move them), and each map refined to itself
     maps = np.stack([clean, fuzzy, np.zeros_like(clean)])
-    q = prediction_quality(maps, np.array([0.9, 0.4, 0.9]), tokens, [1.0, 0.7, 1.0])
+    obj = np.array([0.9, 0.4, 0.9])
+    q = prediction_quality(maps, obj, tokens, [1.0, 0.7, 1.0], maps)
     assert ((q[:2] > 0) & (q[:2] < 1)).all() and q[0] > q[1] + 0.2  # the sure mask ranks first
     assert q[2] == 0.0  # an empty mask: no object found, IoU 0 with any object's mask
     # the same sure mask, moved by the nudges, is trusted less; so is the split square,
     # which the features do not follow as well, when it is as stable as the clean one
-    nudged = prediction_quality(maps, np.array([0.9, 0.4, 0.9]), tokens, [0.6, 0.7, 1.0])
+    nudged = prediction_quality(maps, obj, tokens, [0.6, 0.7, 1.0], maps)
     assert nudged[0] < q[0] - 0.1
-    split_q = prediction_quality(split[None], [0.8], tokens[2:], [1.0])
+    split_q = prediction_quality(split[None], [0.8], tokens[2:], [1.0], split[None])
     assert 0 < split_q[0] < q[0]
+    # and so is the sure mask when the refinement blurs it (the image's colours do not
+    # follow its outline): a less two-valued refined map, further from the network's
+    blurred = uniform_filter(clean, 5, mode="nearest")[None]
+    blurred_q = prediction_quality(clean[None], [0.9], tokens[:1], [0.6], blurred)
+    assert blurred_q[0] < nudged[0] - 0.1  # (as nudged: off the sure mask's saturation)
+    # a signal the score reads that was not given fails, rather than writing NaN
+    with pytest.raises(ValueError, match="refined map"):
+        prediction_quality(maps, obj, tokens, [1.0, 0.7, 1.0], None)
 
 
 def test_noise_agreement_against_a_hand_computed_draw():

@@ -81,9 +81,10 @@ def test_autosod_predicts_on_cuda_as_on_cpu(ecssd, weights_path, tmp_path):
     save_model(str(tmp_path / "model"), net.state_dict(), meta, {})
     images, _ = photos(ecssd, 224, STEMS[:4])
     model = str(tmp_path / "model")
-    cpu, cpu_obj, cpu_tokens, cpu_agree = AutoSODPredictor(model, {}, "cpu", "fp32")(images)
+    on_cpu = AutoSODPredictor(model, {}, "cpu", "fp32")
+    cpu, cpu_obj, cpu_tokens, cpu_agree = on_cpu(images)
     gpu, gpu_obj, gpu_tokens, gpu_agree = AutoSODPredictor(model, {}, "cuda", "fp32")(images)
-    bf16, _, _, bf16_agree = AutoSODPredictor(model, {}, "cuda", "bf16")(images)
+    bf16, bf16_obj, bf16_tokens, bf16_agree = AutoSODPredictor(model, {}, "cuda", "bf16")(images)
     np.testing.assert_allclose(gpu, cpu, atol=2e-3)
     np.testing.assert_allclose(gpu_obj, cpu_obj, atol=2e-3)
     np.testing.assert_allclose(gpu_tokens, cpu_tokens, atol=2e-2)
@@ -91,6 +92,27 @@ def test_autosod_predicts_on_cuda_as_on_cpu(ecssd, weights_path, tmp_path):
     # predict's GPU default (bf16): the score was fit to fp32 agreements on the CPU
     np.testing.assert_allclose(bf16_agree, cpu_agree, atol=0.15)
     assert np.abs(bf16 - cpu).mean() < 0.02
+    # predict's whole score, each side refining on its own device as predict's actor does:
+    # the signals the score reads (an untrained network's masks may all be empty, which
+    # scores 0 on both sides), then the score
+    from autosod_ray.edge_refine import guided
+    from autosod_ray.model.quality import prediction_quality, prediction_signals
+
+    def scored(prob, obj, tokens, agree, device):
+        refined = guided(prob, images, radius=1 / 32, eps=1e-3, device=device)
+        args = (prob, obj, tokens, on_cpu.threshold, agree, refined)
+        return prediction_signals(*args), prediction_quality(
+            prob, obj, tokens, agree, refined, threshold=on_cpu.threshold
+        )
+
+    cpu_signals, cpu_quality = scored(cpu, cpu_obj, cpu_tokens, cpu_agree, "cpu")
+    for (signals, quality), atol in (
+        (scored(gpu, gpu_obj, gpu_tokens, gpu_agree, "cuda"), 0.02),
+        (scored(bf16, bf16_obj, bf16_tokens, bf16_agree, "cuda"), 0.1),
+    ):
+        for name in ("feature_separability", "refined_separability"):
+            np.testing.assert_allclose(signals[name], cpu_signals[name], atol=atol)
+        np.testing.assert_allclose(quality, cpu_quality, atol=2.5 * atol)
 
 
 def test_a_bf16_training_step_on_cuda_learns(ecssd, weights_path):
