@@ -51,8 +51,8 @@ from autosod_ray.metrics import image_metrics, iou  # noqa: E402
 from autosod_ray.model.inference import load_model, threshold_at_size  # noqa: E402
 from autosod_ray.model.quality import (  # noqa: E402
     noise_agreement,
-    prediction_quality,
     prediction_signals,
+    score_signals,
 )
 
 
@@ -120,7 +120,7 @@ def score_model(
         )  # fmt: skip
         maps = refined(prob, seen)
         signals = prediction_signals(prob, obj, grid, threshold, agreement, maps)
-        quality = prediction_quality(prob, obj, grid, agreement, maps, threshold, refine)
+        quality = score_signals(signals, prob, threshold, refine)  # predict's, signals once
         for i, (image, gt_path) in enumerate(chunk):
             gt = np.asarray(Image.open(gt_path).convert("L")) > 127
             soft, binary = threshold_at_size(maps[i], *gt.shape, threshold=threshold)

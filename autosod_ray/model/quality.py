@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..potnet.mask import upsample
 from ..potnet.quality import (
     QualityScore,
     border_contact,
@@ -82,7 +82,7 @@ def prediction_signals(
         prob, np.asarray(objectness, np.float32), tokens, agreement, refined, strict=True
     ):
         mask = p > threshold
-        up = upsampled(p, r.shape)
+        up = upsample(p, *r.shape)  # bilinear, as the guided filter upsamples it
         area = max(int(mask.sum()), 1)
         rows.append(
             (
@@ -114,14 +114,6 @@ PREDICTION_SIGNAL_NAMES = (
     "refined_separability",
     "refine_shift",
 )
-
-
-def upsampled(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """h x w probability -> bilinear at `shape`, as the guided filter upsamples it before
-    re-fitting it (edge_refine.guided)."""
-    grid = torch.from_numpy(np.ascontiguousarray(prob, np.float32))[None, None]
-    up = F.interpolate(grid, size=tuple(shape), mode="bilinear", align_corners=False)
-    return up[0, 0].numpy()
 
 
 # the nudge of `noise_agreement`, chosen on folds 0-1 of student-0's ECSSD masks (scale
@@ -216,13 +208,20 @@ def prediction_quality(
     """B x H x W mask probability (the network's own) + B objectness + B x h x w x D
     encoder tokens + B `noise_agreement` + the B x S x S map `refine` made of the
     probability -> B quality in [0, 1), higher = better: the estimated IoU of the mask
-    `refine` makes. An empty mask scores 0: its IoU with a human mask of any object is 0
-    (the signals, made for a mask, would read it as a clean one)."""
-    prob = np.asarray(prob, np.float32)
-    score = PREDICTION_QUALITY[refine]
+    `refine` makes (`score_signals` of `prediction_signals`)."""
     signals = prediction_signals(prob, objectness, tokens, threshold, noise_agreement, refined)
+    return score_signals(signals, prob, threshold, refine)
+
+
+def score_signals(
+    signals: dict[str, np.ndarray], prob: np.ndarray, threshold: float = 0.5, refine: str = "guided"
+) -> np.ndarray:
+    """`prediction_signals` of the B x H x W probability -> B quality by `refine`'s fit. An
+    empty mask scores 0: its IoU with a human mask of any object is 0 (the signals, made
+    for a mask, would read it as a clean one)."""
+    score = PREDICTION_QUALITY[refine]
     unread = [n for n in score.signals if np.isnan(signals[n]).any()]
     if unread:  # a score of NaN would be written as if it were one
         raise ValueError(f"quality signals {unread} are NaN: give the agreements and refined map")
-    empty = ~(prob > threshold).reshape(len(prob), -1).any(axis=1)
+    empty = ~(np.asarray(prob) > threshold).reshape(len(prob), -1).any(axis=1)
     return np.where(empty, np.float32(0.0), score(signals)).astype(np.float32)
