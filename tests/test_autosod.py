@@ -281,7 +281,7 @@ def test_prediction_signals_hand_checked():
     # (its middle columns average 0.5, not above) and leaves 8 with the 48 outside:
     # within / total = (2 * 8 * 48 / 56) / (2 * 16 * 48 / 64) = 4 / 7
     assert s["feature_separability"] == pytest.approx([1.0, 0.0, 3 / 7], abs=1e-6)
-    # log(0.001 + 1 - agreement); without the agreements the signal is NaN, not a guess
+    # log(0.001 + 1 - agreement)
     assert s["noise_disagreement"] == pytest.approx(np.log([1e-3, 0.501, 0.101]), rel=1e-5)
     # two-valued maps, however far apart their values, are all separable
     assert s["refined_separability"] == pytest.approx([1.0, 1.0, 1.0])
