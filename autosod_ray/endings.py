@@ -60,7 +60,6 @@ def terminated(err: BaseException) -> bool:
 
 def ending_of(err: BaseException) -> Ending:
     """The status and one-line reason of a run that `err` stopped."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     if isinstance(err, KeyboardInterrupt):
         return Ending("interrupted", "interrupted (Ctrl-C / SIGINT)")
     if terminated(err):
@@ -73,7 +72,22 @@ def ending_of(err: BaseException) -> Ending:
     lost = _ray_lost(err)
     if lost:
         return Ending("failed", lost)
-    return Ending("failed", f"{type(err).__name__}: {text}"[:2000], known=False)
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    said = task_error_line(err) or f"{type(err).__name__}: {text}"
+    return Ending("failed", said[:2000], known=False)
+
+
+def task_error_line(err: BaseException) -> str | None:
+    """`SomeError: message` as a Ray task raised it, where `err` carries one: the last
+    such line of the task's traceback, which Ray puts in its error's text after a
+    coloured `ray::Task()` header (the exception object Ray Data re-raises in the
+    driver has its message replaced, so the text is the faithful copy)."""
+    for e in chain(err):
+        if type(e).__name__.startswith("RayTaskError"):
+            found = re.findall(r"^([A-Za-z_][\w.]*: .+)$", str(e), re.MULTILINE)
+            if found:
+                return found[-1].strip()
+    return None
 
 
 def _subclasses(cls: type) -> list[type]:
@@ -104,13 +118,18 @@ def _ray_lost(err: BaseException) -> str | None:
 
 
 def chain(err: BaseException):
-    """`err` and the exceptions it was raised from or during."""
-    seen = set()
-    while err is not None and id(err) not in seen:
+    """`err` and the exceptions it was raised from or during, each before those it wraps
+    (breadth first: Ray's task errors link both ways)."""
+    seen, todo = set(), [err]
+    while todo:
+        err = todo.pop(0)
+        if not isinstance(err, BaseException) or id(err) in seen:
+            continue
         seen.add(id(err))
         yield err
-        # Ray's RayTaskError keeps the task's own exception in `cause`
-        err = err.__cause__ or getattr(err, "cause", None) or err.__context__
+        # Ray's RayTaskError keeps the task's own exception in `cause`, and Ray Data raises
+        # it from its own SystemException
+        todo += [getattr(err, "cause", None), err.__cause__, err.__context__]
 
 
 def status_of(errors_permanent: int, errors_transient: int, errors_internal: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -317,6 +319,41 @@ def test_transient_failures_become_permanent_after_max_attempts():
     assert got["error"][2] == "gave up after 3 runs: timeout" and got["error"][1] == "timeout"
 
 
+def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
+    """write_atomic's rename refused (the name is taken by a folder): it raises and removes
+    its `_tmp-` file rather than leave it, or fall back to a copy."""
+    import fsspec
+
+    from autosod_ray.data.uris import write_atomic
+
+    (tmp_path / "taken" / "inside").mkdir(parents=True)
+    with pytest.raises(OSError):
+        write_atomic(fsspec.filesystem("file"), str(tmp_path / "taken"), b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    write_atomic(fsspec.filesystem("file"), str(tmp_path / "free"), b"data")
+    assert (tmp_path / "free").read_bytes() == b"data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["free", "taken"]
+
+
+def test_a_task_error_is_said_in_the_tasks_words():
+    """A Ray task's exception reaches the driver wrapped (a coloured `ray::Task()` header
+    first); run.json's reason names the task's own exception and message."""
+    import traceback
+
+    from ray.exceptions import RayTaskError
+
+    from autosod_ray.endings import ending_of
+
+    try:
+        int("bad value")
+    except ValueError as raised:
+        err = RayTaskError("encode", traceback.format_exc(), raised).as_instanceof_cause()
+    assert str(err).startswith("\x1b[36m")  # Ray's own first line: a coloured header
+    ending = ending_of(err)
+    said = "ValueError: invalid literal for int() with base 10: 'bad value'"
+    assert (ending.status, ending.reason, ending.known) == ("failed", said, False)
+
+
 def immutable(path: Path, on: bool) -> bool:
     """chattr +i / -i (root can write through any mode bits, not through this)."""
     res = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True)
@@ -324,26 +361,43 @@ def immutable(path: Path, on: bool) -> bool:
 
 
 @pytest.mark.slow
-def test_output_turned_unwritable_mid_run(dataset, tmp_path, ray_head, weights_path):
-    """The masks folder stops taking writes mid-run: the run ends "failed" naming the write
-    error (exit 3), run.json keeps what was written, the lease is released; once the output
-    is writable again, a rerun completes exactly once."""
+def test_a_write_refused_mid_run_fails_the_run_and_a_rerun_completes(
+    dataset, tmp_path, ray_head, weights_path
+):
+    """masks/ refuses one write mid-run (the file the last image's shard goes to is made
+    immutable, as a folder turned read-only refuses every write): the run ends "failed"
+    naming the write error (exit 3), run.json keeps what was written, the lease is
+    released; once the output is writable again, a rerun completes exactly once.
+
+    The refusal waits at a fixed image rather than being timed against the job: Ray Data
+    writes in bursts, so a test that made masks/ read-only after the first write raced
+    the last one."""
+    from autosod_ray.data.parquet import MASK_SCHEMA, shard_name
+
     out = tmp_path / "run"
+    blocked = out / "masks" / shard_name([sorted(GOOD)[-1]])  # one image per file: its own
+    blocked.parent.mkdir(parents=True)
+    pq.write_table(MASK_SCHEMA.empty_table(), blocked)  # a valid empty shard, as ensure_tables
+    if not immutable(blocked, True):
+        pytest.skip("chattr +i is not permitted here (needs CAP_LINUX_IMMUTABLE)")
     args = slow_job_args(dataset, out, weights_path)
     env = job_env(RAY_ADDRESS=ray_head["address"])
-    proc = start_script("jobs/pseudolabel.py", args, env)
-    wait_for(lambda: _written(out) >= 1, proc)
-    if not immutable(out / "masks", True):
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.skip("chattr +i is not permitted here (needs CAP_LINUX_IMMUTABLE)")
     try:
-        stdout, _ = proc.communicate(timeout=400)
+        failed = run_job(args, env)
     finally:
-        immutable(out / "masks", False)
-    assert proc.returncode == 3, stdout[-4000:]
+        immutable(blocked, False)
+    assert failed.returncode == 3, failed.stdout[-3000:] + failed.stderr[-3000:]
     run = record(out)
-    assert run["status"] == "failed" and "Operation not permitted" in run["runs"][-1]["reason"]
+    # one line: the filesystem's words and the refused file, not Ray's coloured wrapper
+    said = run["runs"][-1]["reason"]
+    assert run["status"] == "failed" and said.startswith("the output could not be written: ")
+    refused = re.fullmatch(r".*: Operation not permitted: '(.+/_tmp-\w+)' -> '(.+)'", said)
+    assert refused and refused.group(2) == str(blocked), said
+    assert Path(refused.group(1)).parent == blocked.parent
+    assert failed.stderr.strip().splitlines()[-1] == f"error: {said}"
     assert 0 < run["labelled"] < len(GOOD) and not (out / LEASE).exists()
+    assert run["labelled"] == _written(out) - 1  # what the output holds, less the empty shard
+    assert not list((out / "masks").glob("_tmp-*"))  # the refused write left nothing behind
     rerun = run_job(args, env)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     check_output(out)

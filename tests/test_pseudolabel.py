@@ -249,15 +249,13 @@ def test_flags_are_strings_and_only_set_values_are_yaml():
 
 
 def slow_job_args(dataset, out, weights_path) -> list[str]:
-    """One image per batch and per file: many small writes, time to fail in between."""
+    """One image per block, batch and file, at every stage: each image is written on its
+    own as soon as it is labelled (Ray Data hands a stage's output on per task, so larger
+    read batches would write their images in bursts), leaving time to fail in between."""
+    one = ("read_batch_size", "decode_batch_size", "potnet_batch_size", "encode_batch_size")
+    sets = [a for key in one for a in ("--set", f"pipeline.{key}=1")]
     return job_args(
-        str(dataset),
-        str(out),
-        weights_path,
-        "--set",
-        "pipeline.rows_per_file=1",
-        "--set",
-        "pipeline.potnet_batch_size=1",
+        str(dataset), str(out), weights_path, "--set", "pipeline.rows_per_file=1", *sets
     )
 
 

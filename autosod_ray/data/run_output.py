@@ -22,6 +22,7 @@ import getpass
 import json
 import os
 import posixpath
+import re
 import signal
 import socket
 import sys
@@ -32,7 +33,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from ..config import UserError, redact_text
-from ..endings import Ending, LeaseLost, RunFailed, chain, ending_of, terminated
+from ..endings import Ending, LeaseLost, RunFailed, chain, ending_of, task_error_line, terminated
 from .lease import OutputLease
 from .uris import open_fs, write_atomic
 
@@ -215,13 +216,18 @@ class RunOutput:
             self.lease.release()
 
     def _output_lost(self, err: BaseException) -> Ending | None:
-        """A failed write into this output (read-only, deleted, permissions revoked)."""
-        for cause in chain(err):
-            if isinstance(cause, OSError) and self.root in str(cause):
-                what = getattr(cause, "strerror", None) or type(cause).__name__
-                return Ending("failed", f"the output could not be written: {what}: "
-                                        f"{getattr(cause, 'filename', None) or cause}")  # fmt: skip
-        return None
+        """A failed write into this output (read-only, deleted, permissions revoked), said
+        by the innermost such error: the one the filesystem raised, not Ray's wrapper."""
+        refused = [c for c in chain(err) if isinstance(c, OSError) and self.root in str(c)]
+        if not refused:
+            return None
+        cause = refused[-1]  # `chain` gives a wrapper before what it wraps
+        if getattr(cause, "strerror", None):  # raised here: the filesystem's own words
+            where = getattr(cause, "filename2", None) or getattr(cause, "filename", None)
+            said = f"{cause.strerror}: {where}"
+        else:  # raised in a Ray task: its traceback's last line, less the errno and type
+            said = re.sub(r"^[\w.]+: (\[Errno \d+\] )?", "", task_error_line(cause) or str(cause))
+        return Ending("failed", f"the output could not be written: {said}")
 
     def _begin(self, identity: dict, entry: dict) -> None:
         previous = self.read_record() or {}

@@ -192,11 +192,19 @@ def read_bytes_at(uri: str, storage_options: dict) -> bytes:
 def write_atomic(fs, path: str, data: bytes) -> None:
     """Put a whole file so that a reader sees the old one or the new one, never half:
     locally written beside it under a `_`-prefixed name (readers skip those) and
-    renamed (atomic on one filesystem); an object store publishes a PUT whole."""
+    renamed (atomic on one filesystem; a refused rename removes the temporary file and
+    raises, never falling back to a copy); an object store publishes a PUT whole."""
     if _is_local(fs):
         tmp = posixpath.join(posixpath.dirname(path), f"_tmp-{uuid.uuid4().hex}")
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
+        try:
+            fs.pipe_file(tmp, data)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass  # never written, or the folder refuses that too
+            raise
     else:
         fs.pipe_file(path, data)
 
