@@ -14,10 +14,12 @@ from autosod_ray.model import autosod_loss, build_autosod, dice_loss, ranking_lo
 from autosod_ray.model.autosod import AutoSODOutput
 from autosod_ray.model.inference import AutoSODPredictor, save_model, threshold_at_size
 from autosod_ray.model.quality import (
+    PREDICTION_QUALITY,
     PREDICTION_SIGNAL_NAMES,
     noise_agreement,
     prediction_quality,
     prediction_signals,
+    score_signals,
 )
 from autosod_ray.train.loop import lr_factor, param_groups
 
@@ -323,6 +325,14 @@ def test_prediction_signals_hand_checked():
     # a signal the score reads that was not given fails, rather than writing NaN
     with pytest.raises(ValueError, match="refined map"):
         prediction_quality(maps, obj, tokens, [1.0, 0.7, 1.0], None)
+    # the score computes only the signals it reads, and scores them as all of them would
+    reads = PREDICTION_QUALITY["guided"].signals
+    some = prediction_signals(maps, obj, tokens, 0.5, [1.0, 0.7, 1.0], maps, names=reads)
+    every = prediction_signals(maps, obj, tokens, 0.5, [1.0, 0.7, 1.0], maps)
+    assert list(some) == list(reads) and all((some[n] == every[n]).all() for n in reads)
+    assert (score_signals(every, maps) == q).all()
+    with pytest.raises(ValueError, match="unknown quality signals.*'sharpness'"):
+        prediction_signals(maps, obj, tokens, names=("sharpness",))
 
 
 def test_noise_agreement_against_a_hand_computed_draw():

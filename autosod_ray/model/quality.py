@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,6 +38,110 @@ def on_grid(prob: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return prob.reshape(h, big_h // h, w, big_w // w).mean(axis=(1, 3))  # block means
 
 
+@dataclass(frozen=True)
+class PredictedMask:
+    """One image's prediction as the signals read it: the H x W mask probability of the
+    chosen query, its objectness, the h x w x D encoder tokens the network read, the
+    agreement of its nudged masks and the S x S map predict's `refine` made of the
+    probability (the last two NaN when not given)."""
+
+    prob: np.ndarray
+    objectness: float
+    tokens: np.ndarray
+    agreement: float
+    refined: np.ndarray
+    threshold: float
+
+    @functools.cached_property
+    def mask(self) -> np.ndarray:
+        return self.prob > self.threshold
+
+
+# name -> a signal of one PredictedMask; a registry (as timm's models), so that a score
+# computes only the signals it reads
+PREDICTION_SIGNALS: dict[str, Callable[[PredictedMask], float]] = {}
+
+
+def register(name: str):
+    def add(signal: Callable[[PredictedMask], float]):
+        PREDICTION_SIGNALS[name] = signal
+        return signal
+
+    return add
+
+
+@register("separability")
+def map_separability(m: PredictedMask) -> float:
+    """How two-valued the probability is (Otsu's between-class variance over the total)."""
+    return separability(m.prob)
+
+
+@register("decisiveness")
+def decisiveness(m: PredictedMask) -> float:
+    """The mean of |2p - 1|: 1 when every pixel is sure either way."""
+    return float(np.abs(2.0 * m.prob - 1.0).mean())
+
+
+@register("uncertain_band")
+def uncertain_band(m: PredictedMask) -> float:
+    """log(0.001 + pixels with p in (0.1, 0.9) over the mask's pixels): the width of the
+    fuzzy rim around the object relative to its size."""
+    fuzzy = ((m.prob > 0.1) & (m.prob < 0.9)).sum()
+    return float(np.log(1e-3 + fuzzy / max(int(m.mask.sum()), 1)))
+
+
+@register("largest_component")
+def largest_component(m: PredictedMask) -> float:
+    """The share of the mask in its largest connected piece."""
+    return largest_component_share(m.mask)
+
+
+@register("border_contact")
+def mask_border_contact(m: PredictedMask) -> float:
+    """The share of the map's outer ring inside the mask."""
+    return border_contact(m.mask)
+
+
+@register("objectness")
+def objectness(m: PredictedMask) -> float:
+    """The chosen query's own score (sigmoid)."""
+    return float(m.objectness)
+
+
+@register("feature_separability")
+def token_separability(m: PredictedMask) -> float:
+    """How well the mask, on the token grid, splits the encoder's features
+    (`feature_separability`): a view the decoder's confidence does not give, low for a
+    sure mask cut in the wrong place."""
+    return feature_separability(m.tokens, on_grid(m.prob, m.tokens.shape[:2]) > m.threshold)
+
+
+@register("noise_disagreement")
+def noise_disagreement(m: PredictedMask) -> float:
+    """log(0.001 + 1 - `noise_agreement`): how far the mask moves when the tokens are
+    nudged (NaN without the agreement)."""
+    return float(np.log(1e-3 + 1.0 - m.agreement))
+
+
+@register("refined_separability")
+def refined_separability(m: PredictedMask) -> float:
+    """How two-valued the refined map is: the guided filter keeps a mask sharp where the
+    image's colours change at its outline, and blurs one whose outline the colours do not
+    follow (NaN without the refined map)."""
+    return separability(m.refined) if np.isfinite(m.refined).all() else np.nan
+
+
+@register("refine_shift")
+def refine_shift(m: PredictedMask) -> float:
+    """log(0.0001 + the mean |refined - probability|), the probability upsampled
+    bilinearly as the guided filter upsamples it: how far the refinement moved the
+    network's map (NaN without the refined map). Measured, not read by the score."""
+    return float(np.log(1e-4 + np.abs(m.refined - upsample(m.prob, *m.refined.shape)).mean()))
+
+
+PREDICTION_SIGNAL_NAMES = tuple(PREDICTION_SIGNALS)
+
+
 def prediction_signals(
     prob: np.ndarray,
     objectness: np.ndarray,
@@ -44,31 +149,15 @@ def prediction_signals(
     threshold: float = 0.5,
     noise_agreement: np.ndarray | None = None,
     refined: np.ndarray | None = None,
+    names: tuple[str, ...] = PREDICTION_SIGNAL_NAMES,
 ) -> dict[str, np.ndarray]:
-    """Per-image views of how trustworthy a predicted mask is, each B, from the B x H x W
-    mask probability of the chosen query, its B objectness, the B x h x w x D encoder
-    tokens the network read, the B `noise_agreement` and the B x S x S map predict's
-    `refine` made of the probability (the last two NaN when not given):
-
-    - separability: how two-valued the probability is (Otsu's between-class variance
-      over the total);
-    - decisiveness: the mean of |2p - 1|, 1 when every pixel is sure either way;
-    - uncertain_band: log(0.001 + pixels with p in (0.1, 0.9) over the mask's pixels):
-      the width of the fuzzy rim around the object relative to its size;
-    - largest_component: the share of the mask in its largest connected piece;
-    - border_contact: the share of the map's outer ring inside the mask;
-    - objectness: the chosen query's own score (sigmoid);
-    - feature_separability: how well the mask, on the token grid, splits the encoder's
-      features (`feature_separability`): a view the decoder's confidence does not give,
-      low for a sure mask cut in the wrong place;
-    - noise_disagreement: log(0.001 + 1 - `noise_agreement`): how far the mask moves
-      when the tokens are nudged;
-    - refined_separability: how two-valued the refined map is: the guided filter keeps a
-      mask sharp where the image's colours change at its outline, and blurs one whose
-      outline the colours do not follow;
-    - refine_shift: log(0.0001 + the mean |refined - upsampled probability|): how far the
-      refinement moved the network's map.
-    """
+    """The `names` signals (PREDICTION_SIGNALS; default: all) of each image, each B, from
+    the B x H x W mask probability of the chosen query, its B objectness, the B x h x w x D
+    encoder tokens the network read, the B `noise_agreement` and the B x S x S map
+    predict's `refine` made of the probability (a signal of one not given is NaN)."""
+    unknown = [n for n in names if n not in PREDICTION_SIGNALS]
+    if unknown:
+        raise ValueError(f"unknown quality signals {unknown}; known: {PREDICTION_SIGNAL_NAMES}")
     prob = np.asarray(prob, np.float32)
     agreement = (
         np.full(len(prob), np.nan, np.float32)
@@ -77,43 +166,16 @@ def prediction_signals(
     )
     if refined is None:
         refined = np.full((len(prob), 1, 1), np.nan, np.float32)
-    rows = []
-    for p, o, t, a, r in zip(
-        prob, np.asarray(objectness, np.float32), tokens, agreement, refined, strict=True
-    ):
-        mask = p > threshold
-        up = upsample(p, *r.shape)  # bilinear, as the guided filter upsamples it
-        area = max(int(mask.sum()), 1)
-        rows.append(
-            (
-                separability(p),
-                float(np.abs(2.0 * p - 1.0).mean()),
-                float(np.log(1e-3 + ((p > 0.1) & (p < 0.9)).sum() / area)),
-                largest_component_share(mask),
-                border_contact(mask),
-                float(o),
-                feature_separability(t, on_grid(p, t.shape[:2]) > threshold),
-                float(np.log(1e-3 + 1.0 - a)),  # NaN in, NaN out
-                separability(r) if np.isfinite(r).all() else np.nan,
-                float(np.log(1e-4 + np.abs(r - up).mean())),
-            )
+    images = [
+        PredictedMask(p, float(o), t, a, r, threshold)  # a: float32, as the fit read it
+        for p, o, t, a, r in zip(
+            prob, np.asarray(objectness, np.float32), tokens, agreement, refined, strict=True
         )
-    table = np.asarray(rows, np.float32).reshape(-1, len(PREDICTION_SIGNAL_NAMES))
-    return {name: table[:, i] for i, name in enumerate(PREDICTION_SIGNAL_NAMES)}
-
-
-PREDICTION_SIGNAL_NAMES = (
-    "separability",
-    "decisiveness",
-    "uncertain_band",
-    "largest_component",
-    "border_contact",
-    "objectness",
-    "feature_separability",
-    "noise_disagreement",
-    "refined_separability",
-    "refine_shift",
-)
+    ]
+    return {
+        name: np.asarray([PREDICTION_SIGNALS[name](m) for m in images], np.float32).reshape(-1)
+        for name in names
+    }
 
 
 # the nudge of `noise_agreement`, chosen on folds 0-1 of student-0's ECSSD masks (scale
@@ -209,7 +271,10 @@ def prediction_quality(
     encoder tokens + B `noise_agreement` + the B x S x S map `refine` made of the
     probability -> B quality in [0, 1), higher = better: the estimated IoU of the mask
     `refine` makes (`score_signals` of `prediction_signals`)."""
-    signals = prediction_signals(prob, objectness, tokens, threshold, noise_agreement, refined)
+    reads = PREDICTION_QUALITY[refine].signals  # only what the score reads
+    signals = prediction_signals(
+        prob, objectness, tokens, threshold, noise_agreement, refined, names=reads
+    )
     return score_signals(signals, prob, threshold, refine)
 
 
