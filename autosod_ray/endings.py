@@ -77,14 +77,20 @@ def ending_of(err: BaseException) -> Ending:
     return Ending("failed", said[:2000], known=False)
 
 
+# a traceback's own line for its exception: `Name: message` at the line's start
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning): .+$", re.M)
+_WRAPPED = "The above exception was the direct cause of the following exception:"
+
+
 def task_error_line(err: BaseException) -> str | None:
-    """`SomeError: message` as a Ray task raised it, where `err` carries one: the last
-    such line of the task's traceback, which Ray puts in its error's text after a
-    coloured `ray::Task()` header (the exception object Ray Data re-raises in the
-    driver has its message replaced, so the text is the faithful copy)."""
+    """`SomeError: message` as a Ray task raised it, where `err` carries one. Ray puts the
+    task's traceback in its error's text, after a coloured `ray::Task()` header (the
+    exception object Ray Data re-raises in the driver has its message replaced, so the
+    text is the faithful copy); of a chain (Ray Data raises a UDF's error again as
+    "UDF failed to process a data block") the first exception is the cause."""
     for e in chain(err):
         if type(e).__name__.startswith("RayTaskError"):
-            found = re.findall(r"^([A-Za-z_][\w.]*: .+)$", str(e), re.MULTILINE)
+            found = _RAISED.findall(str(e).split(_WRAPPED)[0])
             if found:
                 return found[-1].strip()
     return None
@@ -128,8 +134,9 @@ def chain(err: BaseException):
         seen.add(id(err))
         yield err
         # Ray's RayTaskError keeps the task's own exception in `cause`, and Ray Data raises
-        # it from its own SystemException
-        todo += [getattr(err, "cause", None), err.__cause__, err.__context__]
+        # it from its own SystemException; a context `raise ... from` hid stays hidden
+        context = None if err.__suppress_context__ else err.__context__
+        todo += [getattr(err, "cause", None), err.__cause__, context]
 
 
 def status_of(errors_permanent: int, errors_transient: int, errors_internal: int) -> str:

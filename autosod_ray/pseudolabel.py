@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from .backbone import check_backbone, vit_geometry
 from .config import PredictConfig, PseudolabelConfig, config_hash
 from .data.parquet import TABLES, ShardDatasink, drop_rows, ensure_tables, read_rows
-from .data.progress import ProgressCounter, ProgressPrinter, use_our_progress
+from .data.progress import ProgressPrinter, WriteLedger, use_our_progress
 from .data.provenance import listing_digest, weights_provenance
 from .data.run_output import OutputError, RunOutput
 from .data.stages import (
@@ -304,16 +304,39 @@ def run_labelling(cfg: JobConfig, labelling: Labelling) -> dict:
         return _label_pending(cfg, labelling, run, listing.table, {"listing_s": listing_s})
 
 
-def count_written(counter, counts: dict[str, int]) -> None:
-    """The sink's report of one write, to the progress counter actor."""
-    errors = counts.get("errors", 0)
-    counter.add.remote(counts.get("masks", 0) + errors, errors)
-
-
-def read_counter(counter) -> tuple[int, int]:
+def admit_write(ledger) -> bool:
+    """The sink asks the ledger before each write (in its task). A ledger it cannot reach
+    raises: the driver is gone, so the write is not made."""
     import ray
 
-    return ray.get(counter.read.remote(), timeout=10)
+    return ray.get(ledger.admit.remote(), timeout=60)
+
+
+def count_written(ledger, counts: dict[str, int]) -> None:
+    """The sink's report of one write, to the ledger actor."""
+    errors = counts.get("errors", 0)
+    ledger.add.remote(counts.get("masks", 0) + errors, errors)
+
+
+def read_counter(ledger) -> tuple[int, int]:
+    import ray
+
+    return ray.get(ledger.read.remote(), timeout=10)
+
+
+def stop_writes(ledger, wait_s: float = 10.0) -> None:
+    """The run ends early (a signal, a failure): admit no more writes and wait, at most
+    `wait_s`, for those under way, so that the counts run.json records are what the
+    output holds (Ray Data's tasks outlive the driver's exception by a moment). A write
+    whose worker was killed never reports; its wait runs out."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    try:
+        while ray.get(ledger.close.remote(), timeout=wait_s) > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - the cluster may be what ended the run
+        pass
 
 
 def output_counts(out: RunOutput, labelling: Labelling, inputs: int) -> dict:
@@ -344,6 +367,7 @@ def _label_pending(
     cfg: JobConfig, labelling: Labelling, run: RunOutput, listing: pa.Table, timings: dict
 ) -> dict:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     clock = [time.perf_counter()]
 
@@ -360,12 +384,18 @@ def _label_pending(
             print(f"WARNING: {warning}", file=sys.stderr)
         ds = build_dataset(cfg, inputs, labelling)
         route = functools.partial(labelled_rows, max_attempts=cfg.pipeline.max_attempts)
-        counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        ledger = ray.remote(num_cpus=0)(WriteLedger).options(scheduling_strategy=here).remote()
         sink = ShardDatasink(run.uri, run.storage_options, cfg.pipeline.rows_per_file, route,
-                             on_written=functools.partial(count_written, counter))  # fmt: skip
-        read = functools.partial(read_counter, counter)
+                             on_written=functools.partial(count_written, ledger),
+                             admit=functools.partial(admit_write, ledger))  # fmt: skip
+        read = functools.partial(read_counter, ledger)
         with ProgressPrinter(labelling.job, inputs.num_rows, read, cfg.pipeline.progress_every_s):
-            ds.write_datasink(sink)
+            try:
+                ds.write_datasink(sink)
+            except BaseException:
+                stop_writes(ledger)
+                raise
     seconds = lap()
     timings["labelling_s"] = seconds
     totals = output_counts(run, labelling, listing.num_rows)

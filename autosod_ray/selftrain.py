@@ -18,6 +18,7 @@ import json
 import posixpath
 
 from .config import SelfTrainConfig
+from .data.run_output import redacted
 from .data.uris import InputError, absolute, open_fs
 from .endings import EXIT_CODES, ending_of
 from .predict import run_predict
@@ -128,7 +129,8 @@ def summarise(cfg: SelfTrainConfig, steps: list, status: str, reason, stopped_at
 def write_summary(cfg: SelfTrainConfig, result: dict) -> None:
     fs, root = open_fs(cfg.output, cfg.storage.options(cfg.output))
     fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(posixpath.join(root, SUMMARY), json.dumps(result, indent=2).encode())
+    body = json.dumps(redacted(result), indent=2)  # a reason may quote an endpoint URL
+    fs.pipe_file(posixpath.join(root, SUMMARY), body.encode())
 
 
 def step_figures(job: str, summary: dict) -> dict:

@@ -319,6 +319,34 @@ def test_transient_failures_become_permanent_after_max_attempts():
     assert got["error"][2] == "gave up after 3 runs: timeout" and got["error"][1] == "timeout"
 
 
+def test_the_sink_writes_only_what_the_ledger_admits_and_always_reports(tmp_path):
+    """ShardDatasink asks before each write and reports after it, a failed write too: once
+    the ledger is closed (the run is ending) nothing more is written, and the ledger knows
+    when no admitted write is still under way (the driver waits for that, then counts)."""
+    from autosod_ray.data.parquet import ShardDatasink, shard_name
+    from autosod_ray.data.progress import WriteLedger
+
+    def sink_to(ledger: WriteLedger) -> ShardDatasink:
+        return ShardDatasink(str(tmp_path), {}, 2, lambda t: {"masks": t},
+                             on_written=lambda c: ledger.add(c.get("masks", 0), 0),
+                             admit=ledger.admit)  # fmt: skip
+
+    def rows(*ids: str) -> list[pa.Table]:
+        return [pa.table({"image_id": list(ids)})]
+
+    ledger = WriteLedger()
+    assert sink_to(ledger).write(rows("a", "b", "c"), None) == {"masks": 3}
+    assert len(list((tmp_path / "masks").glob("part-*"))) == 2  # at most 2 rows a file
+    assert ledger.read() == (3, 0) and ledger.close() == 0
+    assert sink_to(ledger).write(rows("d"), None) == {}  # closed: not written, not told
+    assert len(list((tmp_path / "masks").glob("part-*"))) == 2 and ledger.read() == (3, 0)
+    failing = WriteLedger()
+    (tmp_path / "masks" / shard_name(["e"]) / "taken").mkdir(parents=True)
+    with pytest.raises(OSError):
+        sink_to(failing).write(rows("e"), None)
+    assert failing.close() == 0  # told, though it failed: nothing left to wait for
+
+
 def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
     """write_atomic's rename refused (the name is taken by a folder): it raises and removes
     its `_tmp-` file rather than leave it, or fall back to a copy."""
@@ -335,23 +363,58 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["free", "taken"]
 
 
-def test_a_task_error_is_said_in_the_tasks_words():
+def test_a_task_error_is_said_in_the_tasks_words(tmp_path):
     """A Ray task's exception reaches the driver wrapped (a coloured `ray::Task()` header
-    first); run.json's reason names the task's own exception and message."""
+    first, Ray Data's own exceptions around it); run.json's reason names the task's own
+    exception and message, and a refused write its path(s)."""
+    import pickle
     import traceback
 
+    from ray.data.exceptions import SystemException, UserCodeException
     from ray.exceptions import RayTaskError
 
+    from autosod_ray.data.run_output import RunOutput
     from autosod_ray.endings import ending_of
 
-    try:
+    def from_a_task(raise_it) -> BaseException:
+        """What the driver catches: the task's error as Ray ships it (pickled), raised
+        from Ray Data's SystemException."""
+        try:
+            raise_it()
+        except Exception as raised:
+            wrapped = RayTaskError("encode", traceback.format_exc(), raised)
+        err = pickle.loads(pickle.dumps(wrapped)).as_instanceof_cause()  # as Ray does
+        try:
+            raise err from SystemException()
+        except Exception as caught:
+            return caught
+
+    def bad_value():
         int("bad value")
-    except ValueError as raised:
-        err = RayTaskError("encode", traceback.format_exc(), raised).as_instanceof_cause()
-    assert str(err).startswith("\x1b[36m")  # Ray's own first line: a coloured header
-    ending = ending_of(err)
+
+    def a_udf_fails():  # as Ray Data runs a map function: its error, then its wrapper
+        try:
+            bad_value()
+        except ValueError as e:
+            raise UserCodeException("UDF failed to process a data block.") from e
+
     said = "ValueError: invalid literal for int() with base 10: 'bad value'"
-    assert (ending.status, ending.reason, ending.known) == ("failed", said, False)
+    for raise_it in (bad_value, a_udf_fails):
+        err = from_a_task(raise_it)
+        assert str(err).startswith("\x1b[36m")  # Ray's own first line: a coloured header
+        ending = ending_of(err)
+        assert (ending.status, ending.reason, ending.known) == ("failed", said, False)
+
+    out = RunOutput(str(tmp_path / "out"), {}, "pseudolabel")
+    part, tmp = f"{out.root}/masks/part-1.parquet", f"{out.root}/masks/_tmp-1"
+
+    def refused():
+        raise PermissionError(1, "Operation not permitted", tmp, None, part)
+
+    lost = out._output_lost(from_a_task(refused))
+    said = f"the output could not be written: Operation not permitted: '{tmp}' -> '{part}'"
+    assert (lost.status, lost.reason) == ("failed", said)
+    assert out._output_lost(from_a_task(bad_value)) is None  # not a write into the output
 
 
 def immutable(path: Path, on: bool) -> bool:
@@ -390,14 +453,16 @@ def test_a_write_refused_mid_run_fails_the_run_and_a_rerun_completes(
     run = record(out)
     # one line: the filesystem's words and the refused file, not Ray's coloured wrapper
     said = run["runs"][-1]["reason"]
-    assert run["status"] == "failed" and said.startswith("the output could not be written: ")
-    refused = re.fullmatch(r".*: Operation not permitted: '(.+/_tmp-\w+)' -> '(.+)'", said)
-    assert refused and refused.group(2) == str(blocked), said
-    assert Path(refused.group(1)).parent == blocked.parent
-    assert failed.stderr.strip().splitlines()[-1] == f"error: {said}"
+    refused = re.fullmatch(
+        r"the output could not be written: Operation not permitted: '(.+)' -> '(.+)'", said
+    )
+    assert run["status"] == "failed" and refused and refused.group(2) == str(blocked), said
+    tmp = Path(refused.group(1))
+    assert tmp.parent == blocked.parent and tmp.name.startswith("_tmp-")
+    assert not tmp.exists()  # the refused write removed its temporary file
+    assert f"error: {said}" in failed.stderr.splitlines()
     assert 0 < run["labelled"] < len(GOOD) and not (out / LEASE).exists()
     assert run["labelled"] == _written(out) - 1  # what the output holds, less the empty shard
-    assert not list((out / "masks").glob("_tmp-*"))  # the refused write left nothing behind
     rerun = run_job(args, env)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     check_output(out)

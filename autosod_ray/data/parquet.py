@@ -102,7 +102,9 @@ def split_rows(table: pa.Table) -> dict[str, pa.Table]:
 class ShardDatasink(Datasink):
     """Writes each block's rows as Parquet shards of at most `rows_per_file` rows under
     <output>/<folder>, where `route(table) -> {folder: rows}` decides the folders; files
-    are named by a digest of their `key` column."""
+    are named by a digest of their `key` column. Each write first asks `admit()` (False:
+    the run is ending, write nothing) and, once admitted, tells `on_written` what it wrote
+    however it ends."""
 
     def __init__(
         self,
@@ -112,10 +114,12 @@ class ShardDatasink(Datasink):
         route: Callable[[pa.Table], dict[str, pa.Table]],
         key: str = "image_id",
         on_written: Callable[[dict[str, int]], None] | None = None,
+        admit: Callable[[], bool] | None = None,
     ):
         self.output, self.storage_options = output, storage_options
         self.rows_per_file, self.route, self.key = rows_per_file, route, key
         self.on_written = on_written  # told {folder: rows} after each write (progress)
+        self.admit = admit
 
     @property
     def min_rows_per_write(self) -> int:
@@ -126,16 +130,19 @@ class ShardDatasink(Datasink):
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
         counts: dict[str, int] = {}
-        if not tables:
-            return counts
-        for name, part in self.route(pa.concat_tables(tables, promote_options="default")).items():
-            counts[name] = counts.get(name, 0)
-            for start in range(0, part.num_rows, self.rows_per_file):
-                chunk = part.slice(start, self.rows_per_file)
-                write_table_atomic(fs, posixpath.join(root, name), chunk, self.key)
-                counts[name] += chunk.num_rows
-        if self.on_written is not None:
-            self.on_written(counts)
+        if not tables or (self.admit is not None and not self.admit()):
+            return counts  # nothing to write, or the run is ending: nothing is written
+        try:
+            routed = self.route(pa.concat_tables(tables, promote_options="default"))
+            for name, part in routed.items():
+                counts[name] = counts.get(name, 0)
+                for start in range(0, part.num_rows, self.rows_per_file):
+                    chunk = part.slice(start, self.rows_per_file)
+                    write_table_atomic(fs, posixpath.join(root, name), chunk, self.key)
+                    counts[name] += chunk.num_rows
+        finally:
+            if self.on_written is not None:
+                self.on_written(counts)
         return counts
 
 

@@ -1,7 +1,7 @@
 """Progress a person can follow: images done of total, images/s, ETA, errors so far.
 
-The sink tells a small counter actor what it wrote (rows to masks/, rows to
-errors/); a thread on the driver reads the counter and prints. In a terminal
+The sink tells a small ledger actor what it wrote (rows to masks/, rows to
+errors/); a thread on the driver reads the ledger and prints. In a terminal
 it is one live line, redrawn every second; in a log (CI, `ray job logs`) it is
 one line every `every_s` seconds, so the log reads at a steady pace.
 """
@@ -13,15 +13,32 @@ import threading
 import time
 
 
-class ProgressCounter:
-    """A Ray actor (no CPU) the writers add their rows to."""
+class WriteLedger:
+    """A Ray actor (no CPU, on the driver's node) the writers report to. It admits each
+    write while the run goes on and counts what each wrote (the progress line); once the
+    run ends early it admits no more, so that no write lands after the counts run.json
+    records."""
 
     def __init__(self):
         self.done, self.errors = 0, 0
+        self.open, self.writing = True, 0
+
+    def admit(self) -> bool:
+        """A writer asks before it writes: False once the run is ending."""
+        if self.open:
+            self.writing += 1
+        return self.open
 
     def add(self, done: int, errors: int) -> None:
+        """An admitted writer's rows, told when it is done (or has failed)."""
         self.done += done
         self.errors += errors
+        self.writing -= 1
+
+    def close(self) -> int:
+        """Admit no more writes; returns how many admitted ones are still under way."""
+        self.open = False
+        return self.writing
 
     def read(self) -> tuple[int, int]:
         return self.done, self.errors

@@ -222,11 +222,11 @@ class RunOutput:
         if not refused:
             return None
         cause = refused[-1]  # `chain` gives a wrapper before what it wraps
-        if getattr(cause, "strerror", None):  # raised here: the filesystem's own words
-            where = getattr(cause, "filename2", None) or getattr(cause, "filename", None)
-            said = f"{cause.strerror}: {where}"
-        else:  # raised in a Ray task: its traceback's last line, less the errno and type
-            said = re.sub(r"^[\w.]+: (\[Errno \d+\] )?", "", task_error_line(cause) or str(cause))
+        # the error's own words and path(s), as a traceback ends: "[Errno 1] Operation not
+        # permitted: 'tmp' -> 'part'" (a task's, from its traceback: Ray's wrapper has no
+        # errno of its own), less the errno
+        said = str(cause) if getattr(cause, "strerror", None) else task_error_line(cause)
+        said = re.sub(r"^([\w.]+: )?\[Errno \d+\] ", "", said or str(cause))
         return Ending("failed", f"the output could not be written: {said}")
 
     def _begin(self, identity: dict, entry: dict) -> None:

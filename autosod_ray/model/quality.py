@@ -38,12 +38,13 @@ def on_grid(prob: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return prob.reshape(h, big_h // h, w, big_w // w).mean(axis=(1, 3))  # block means
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PredictedMask:
     """One image's prediction as the signals read it: the H x W mask probability of the
     chosen query, its objectness, the h x w x D encoder tokens the network read, the
-    agreement of its nudged masks and the S x S map predict's `refine` made of the
-    probability (the last two NaN when not given)."""
+    agreement of its nudged masks (NaN when not given), the S x S map predict's `refine`
+    made of the probability (all NaN when not given) and the threshold that makes the
+    mask."""
 
     prob: np.ndarray
     objectness: float
@@ -63,7 +64,11 @@ PREDICTION_SIGNALS: dict[str, Callable[[PredictedMask], float]] = {}
 
 
 def register(name: str):
+    """Decorator: add a signal to PREDICTION_SIGNALS under `name` (a name once only)."""
+
     def add(signal: Callable[[PredictedMask], float]):
+        if name in PREDICTION_SIGNALS:
+            raise ValueError(f"a quality signal named {name!r} is registered already")
         PREDICTION_SIGNALS[name] = signal
         return signal
 
@@ -103,7 +108,7 @@ def mask_border_contact(m: PredictedMask) -> float:
 
 
 @register("objectness")
-def objectness(m: PredictedMask) -> float:
+def query_objectness(m: PredictedMask) -> float:
     """The chosen query's own score (sigmoid)."""
     return float(m.objectness)
 
@@ -139,7 +144,7 @@ def refine_shift(m: PredictedMask) -> float:
     return float(np.log(1e-4 + np.abs(m.refined - upsample(m.prob, *m.refined.shape)).mean()))
 
 
-PREDICTION_SIGNAL_NAMES = tuple(PREDICTION_SIGNALS)
+PREDICTION_SIGNAL_NAMES = tuple(PREDICTION_SIGNALS)  # the signals above, in this order
 
 
 def prediction_signals(
@@ -154,7 +159,8 @@ def prediction_signals(
     """The `names` signals (PREDICTION_SIGNALS; default: all) of each image, each B, from
     the B x H x W mask probability of the chosen query, its B objectness, the B x h x w x D
     encoder tokens the network read, the B `noise_agreement` and the B x S x S map
-    predict's `refine` made of the probability (a signal of one not given is NaN)."""
+    predict's `refine` made of the probability. Without the agreements or the refined
+    map, the signals that read them are NaN."""
     unknown = [n for n in names if n not in PREDICTION_SIGNALS]
     if unknown:
         raise ValueError(f"unknown quality signals {unknown}; known: {PREDICTION_SIGNAL_NAMES}")
