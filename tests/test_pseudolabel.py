@@ -249,9 +249,10 @@ def test_flags_are_strings_and_only_set_values_are_yaml():
 
 
 def slow_job_args(dataset, out, weights_path) -> list[str]:
-    """One image per block, batch and file, at every stage: each image is written on its
-    own as soon as it is labelled (Ray Data hands a stage's output on per task, so larger
-    read batches would write their images in bursts), leaving time to fail in between."""
+    """One image per block, batch and file, at every stage, so each image is a write of its
+    own (larger read batches reach the sink as one block of many images). Ray Data may
+    still hold the writes back and publish them in a burst: a test that must fail mid-run
+    blocks a fixed image rather than race the first write."""
     one = ("read_batch_size", "decode_batch_size", "potnet_batch_size", "encode_batch_size")
     sets = [a for key in one for a in ("--set", f"pipeline.{key}=1")]
     return job_args(
