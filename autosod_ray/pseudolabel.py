@@ -318,7 +318,8 @@ def count_written(ledger, counts: dict[str, int]) -> None:
     ledger.add.remote(counts.get("masks", 0) + errors, errors)
 
 
-def read_counter(ledger) -> tuple[int, int]:
+def read_ledger(ledger) -> tuple[int, int]:
+    """What the writers have reported so far: (rows written, of them errors)."""
     import ray
 
     return ray.get(ledger.read.remote(), timeout=10)
@@ -389,7 +390,7 @@ def _label_pending(
         sink = ShardDatasink(run.uri, run.storage_options, cfg.pipeline.rows_per_file, route,
                              on_written=functools.partial(count_written, ledger),
                              admit=functools.partial(admit_write, ledger))  # fmt: skip
-        read = functools.partial(read_counter, ledger)
+        read = functools.partial(read_ledger, ledger)
         with ProgressPrinter(labelling.job, inputs.num_rows, read, cfg.pipeline.progress_every_s):
             try:
                 ds.write_datasink(sink)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -167,7 +168,7 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             step = load_state(d, model, optimiser, scheduler)
         if rank == 0:
-            print(f"train: resumed from step {step}")
+            say(f"train: resumed from step {step}")
     bare = model
     model = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": False}
@@ -223,8 +224,8 @@ def train_loop_per_worker(config: dict) -> None:
                     loss = f"  loss {report['loss']:.4f}"
                     line = progress_line("train", step, cfg.optim.max_steps, seconds,
                                          unit="steps", since=first_step, extra=loss)  # fmt: skip
-                    print(line)
-                    print(f"train: {shown}")
+                    say(line)
+                    say(f"train: {shown}")
             if last:
                 break
         if not seen_any:
@@ -232,6 +233,14 @@ def train_loop_per_worker(config: dict) -> None:
                 f"worker {rank} received no training batch of {cfg.optim.batch_size} images; "
                 "give more pseudo-masks or a smaller optim.batch_size"
             )
+
+
+def say(line: str) -> None:
+    """One line to the driver's log. Not print(): Ray Train 2.60 turns a worker's print into
+    a log record and, as Ray wraps the worker's stdout, writes it there as well, so every
+    printed line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _report(metrics: dict, with_checkpoint: bool, model, optimiser, scheduler, step: int) -> None:
