@@ -68,8 +68,10 @@ def fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
     return all(node.get(k, 0.0) >= v for k, v in bundle.items() if v > 0)
 
 
-def _show(bundle: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items() if v > 0) + "}"
+def _show(bundle: dict[str, float], only=None) -> str:
+    """'{CPU: 2, GPU: 1}'; with `only`, just those resources (not a node's memory in bytes)."""
+    shown = [f"{k}: {v:g}" for k, v in bundle.items() if v > 0 and (only is None or k in only)]
+    return "{" + ", ".join(shown) + "}"
 
 
 def check_request(
@@ -92,11 +94,11 @@ def check_request(
         return []
     shown = f"{count} x {_show(bundle)}" + (f" + {_show(reserve)}" if reserve else "")
     if not capacity.autoscaling:
+        biggest = max(capacity.nodes, key=lambda n: n.get("CPU", 0), default={})
         raise ResourceError(
             f"{what} needs {shown}, but this cluster (no autoscaler) has "
-            f"{_show(have)} over {len(capacity.nodes)} node(s), "
-            f"{_show(max(capacity.nodes, key=lambda n: n.get('CPU', 0), default={}))} at most "
-            f"on one; {fix}"
+            f"{_show(have, need)} over {len(capacity.nodes)} node(s), "
+            f"{_show(biggest, need)} at most on one; {fix}"
         )
     holders = [t for t in capacity.node_types if fits(bundle, t)]
     if not holders and not one_fits_now:
@@ -105,8 +107,8 @@ def check_request(
             f"node type its autoscaler can add has that much; {fix}"
         )
     return [
-        f"{what} needs {shown}; the cluster has {_show(have)} now and must grow first "
-        f"(node types that can hold one: {', '.join(_show(t) for t in holders) or 'none'})"
+        f"{what} needs {shown}; the cluster has {_show(have, need)} now and must grow first "
+        f"(node types that can hold one: {', '.join(_show(t, need) for t in holders) or 'none'})"
     ]
 
 

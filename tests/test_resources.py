@@ -31,6 +31,7 @@ def test_a_fixed_cluster_refuses_what_it_can_never_hold(bundle, count, reserve):
         )
     msg = str(err.value)
     assert "no autoscaler" in msg and "scaling.num_workers" in msg and "CPU: 2" in msg
+    assert "memory" not in msg  # only what was asked for, not 8e+09 bytes of it
 
 
 def test_packing_is_per_node_not_just_the_total():

@@ -217,8 +217,10 @@ def train_loop_per_worker(config: dict) -> None:
                 _report(report, save and rank == 0, bare, optimiser, scheduler, step)
                 tick = time.perf_counter()
                 if rank == 0:
+                    # 4 significant digits: a learning rate of 3e-06 is not 0.0
                     shown = {
-                        k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()
+                        k: float(f"{v:.4g}") if isinstance(v, float) else v
+                        for k, v in report.items()
                     }
                     seconds = time.perf_counter() - started
                     loss = f"  loss {report['loss']:.4f}"

@@ -95,7 +95,7 @@ def resolve_scaling(cfg: TrainConfig) -> TrainConfig:
         threads = max(1, math.floor(cpus + spare))
     fix = "lower scaling.num_workers / cpus_per_worker (or set them to auto)"
     bundle = {"CPU": cpus, "GPU": 1.0 if use_gpu else 0.0}
-    what = f"the training workers (scaling.num_workers={workers}, cpus_per_worker={cpus:g})"
+    what = f"the training worker group (scaling.num_workers={workers}, cpus_per_worker={cpus:g})"
     for warning in check_request(capacity, bundle, workers, what, fix, {"CPU": DATA_CPUS}):
         print(f"WARNING: {warning}", file=sys.stderr)
     if s.placement_strategy == "STRICT_SPREAD" and len(capacity.nodes) < workers:
