@@ -399,6 +399,12 @@ class ReportConfig(Section):
         description="No object (or a wrong one): quality below this (README: it flags 50% of "
         "object-free crops and 2.8% of ECSSD's masks, whose mean IoU is 0.29).",
     )
+    diffuse_attention: float = Field(
+        0.8,
+        gt=0.0,
+        description="No object: the image's CLS attention on its border over its mean at or "
+        'above this (README "No salient object"; pseudolabel\'s masks only).',
+    )
     min_object_fraction: float = Field(
         0.005, gt=0.0, le=1.0, description="Several objects: pieces of at least this share."
     )

@@ -25,6 +25,7 @@ class PseudoMask:
     confidence: float
     consistency_loss: float
     quality: float
+    attention_border: float  # of the image: CLS attention on its border over its mean
 
     @property
     def fg_fraction(self) -> float:
@@ -65,8 +66,13 @@ class PseudoLabeller:
         """Square-resized batch and each image's own (height, width) -> pseudo-masks."""
         out = self.potnet(self.features(images))
         return [
-            PseudoMask(soft, binary, float(c), float(loss), float(q))
-            for (soft, binary), c, loss, q in zip(
-                out.masks(sizes), out.confidence, out.consistency_loss, out.quality, strict=True
+            PseudoMask(soft, binary, float(c), float(loss), float(q), float(a))
+            for (soft, binary), c, loss, q, a in zip(
+                out.masks(sizes),
+                out.confidence,
+                out.consistency_loss,
+                out.quality,
+                out.quality_signals["attention_border"],
+                strict=True,
             )
         ]

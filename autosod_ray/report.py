@@ -46,7 +46,7 @@ from .metrics import iou
 from .preview import images_by_stem
 
 # masks/ columns the page reads for every row (never the PNGs)
-SCALARS = ("image_id", "fg_fraction", "quality")
+SCALARS = ("image_id", "fg_fraction", "quality", "attention_border")
 # object counting works on masks at most this many pixels on a side (box-downscaled)
 COUNT_MAX_SIDE = 512
 # thumbnails are never decoded from images larger than this (decompression bombs)
@@ -62,6 +62,7 @@ class ReportSettings:
     empty_fg_fraction: float = 0.005  # no object: the mask covers less than this
     background_fg_fraction: float = 0.9  # no object: the mask covers more (background taken)
     low_quality: float = 0.4  # no object (or a wrong one): quality below this
+    diffuse_attention: float = 0.8  # no object: the CLS attention on the border, over its mean
     min_object_fraction: float = 0.005  # several objects: pieces at least this share of the image
     object_scan_limit: int = 5000  # object counts over whole shard files up to this many masks
     ray_above: int = 2000  # runs with more masks than this decode masks in Ray tasks
@@ -178,15 +179,21 @@ def error_reasons(
 
 
 def no_object_flags(
-    fg_fraction: np.ndarray, quality: np.ndarray, s: ReportSettings
+    fg_fraction: np.ndarray,
+    quality: np.ndarray,
+    attention_border: np.ndarray,
+    s: ReportSettings,
 ) -> dict[str, np.ndarray]:
     """Per rule, which masks (N,) probably show no object: empty or near-empty, most of the
-    image (the background taken), or low quality (NaN quality never flags)."""
+    image (the background taken), low quality, or an image whose CLS attention lies on its
+    border as much as anywhere (nothing draws it). NaN (predict's masks have no attention,
+    older outputs no column) never flags."""
     with np.errstate(invalid="ignore"):
         return {
             "empty": fg_fraction < s.empty_fg_fraction,
             "background": fg_fraction > s.background_fg_fraction,
             "low quality": quality < s.low_quality,
+            "diffuse attention": attention_border >= s.diffuse_attention,
         }
 
 
@@ -461,6 +468,7 @@ def write_report(
     table = read_scalars(files, opts, SCALARS)
     ids = table.column("image_id").to_pylist()
     fg, quality = _floats(table.column("fg_fraction")), _floats(table.column("quality"))
+    attention_border = _floats(table.column("attention_border"))
     shard = table.column("shard").to_numpy()
     errors = read_table_folder(
         posixpath.join(predictions, "errors"), opts, ["image_id", "error", "error_kind"]
@@ -493,7 +501,7 @@ def write_report(
                 gt_errors.append(f"{i}: {err}")
 
     # the galleries, chosen from sorted scalars
-    flags = no_object_flags(fg, quality, s)
+    flags = no_object_flags(fg, quality, attention_border, s)
     flagged = np.logical_or.reduce(list(flags.values())) if ids else np.zeros(0, bool)
     several = objects >= 2
     galleries = _choose_galleries(ids, quality, fg, objects, ious, flagged, several, s, with_gt)
@@ -876,7 +884,10 @@ def _rules_html(f: dict) -> str:
         f"({pct(flags['empty'], rows)}); <i>background</i>, fg_fraction &gt; "
         f"{s.background_fg_fraction:g}, the mask took the background "
         f"({pct(flags['background'], rows)}); <i>low quality</i>, quality &lt; "
-        f"{s.low_quality:g} ({pct(flags['low quality'], rows)}). "
+        f"{s.low_quality:g} ({pct(flags['low quality'], rows)}); <i>diffuse attention</i>, "
+        f"attention_border &ge; {s.diffuse_attention:g}, the CLS token's attention on the "
+        "image's border over its mean: nothing in the image draws it "
+        f"({pct(flags['diffuse attention'], rows)}; pseudolabel's masks only). "
         f"Together: <span id='no-object-count'>{pct(f['flagged'], rows)}</span> of all masks.</li>"
         f"<li><b>Several objects</b>: two or more 8-connected pieces each covering at least "
         f"{100 * s.min_object_fraction:g}% of the image (scipy.ndimage.label), counted on "

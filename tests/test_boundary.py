@@ -11,7 +11,7 @@ from autosod_ray.potnet.boundary import (
     grid_edges,
 )
 from autosod_ray.potnet.ops import l2_normalize
-from autosod_ray.potnet.quality import quality_signals
+from autosod_ray.potnet.quality import attention_on_border, quality_signals
 
 
 def scene(h=16, w=16, d=16, noise=0.05, seed=0):
@@ -91,3 +91,9 @@ def test_quality_signals_hand_checked():
     # the mask takes the 16 object patches and 4 background ones: within / total =
     # (2 * 16 * 4 / 20) / (2 * 16 * 48 / 64)
     np.testing.assert_allclose(sig["feature_separability"], 1 - 6.4 / 24, rtol=1e-5)
+    assert sig["attention_border"] == 0.0  # every bit of the attention is on the object
+    # of the image, not the mask: attention on 4 of the 28 ring patches and 4 inside
+    spread = np.zeros((8, 8), np.float32)
+    spread[0, 0:4] = spread[3, 3:7] = 1.0
+    np.testing.assert_allclose(attention_on_border(spread), (4 / 28) / (8 / 64), rtol=1e-6)
+    assert attention_on_border(np.ones((8, 8))) == 1.0 and attention_on_border(spread * 0) == 1.0

@@ -97,11 +97,13 @@ def test_job_labels_a_folder_and_resumes(dataset, tmp_path, ray_head, weights_pa
         "quality",
         "ot_iterations",
         "ot_marginal_error",
+        "attention_border",
         "backbone",
         "config_hash",
     } <= set(table.column_names)
     masks = table.to_pandas()
     assert masks.quality.between(0, 1).all() and (masks.ot_iterations > 0).all()
+    assert masks.attention_border.between(0.01, 10).all()  # a ratio to the mean, never NaN
     assert all(pq.ParquetFile(f).metadata.num_rows <= 5 for f in (out / "masks").iterdir())
     import duckdb
 

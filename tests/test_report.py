@@ -140,6 +140,7 @@ def run(tmp_path_factory, ecssd) -> dict:
                 "quality": quality,
                 "ot_iterations": int(rng.integers(30, 300)),
                 "ot_marginal_error": 2e-4 if k == 5 else float(rng.uniform(1e-6, 9e-5)),
+                "attention_border": 1.1 if k == 10 else float(rng.uniform(0.2, 0.7)),
                 "backbone": "vit_small_patch14_dinov2.lvd142m",
                 "config_hash": "c0ffee",
             }
@@ -148,7 +149,8 @@ def run(tmp_path_factory, ecssd) -> dict:
         gts.append(gt)
     fs, out = open_fs(str(root), {})
     table = pa.Table.from_pylist(rows, schema=MASK_SCHEMA)
-    write_table_atomic(fs, f"{out}/masks", table.slice(0, 6))
+    # the first shard as an output from before attention_border: its rows read it as NaN
+    write_table_atomic(fs, f"{out}/masks", table.slice(0, 6).drop_columns(["attention_border"]))
     write_table_atomic(fs, f"{out}/masks", table.slice(6))
     errors = [
         (
@@ -224,12 +226,14 @@ def run(tmp_path_factory, ecssd) -> dict:
     (root / "run.json").write_text(json.dumps(record, indent=2))
     fg = np.array([r["fg_fraction"] for r in rows])
     quality = np.array([r["quality"] for r in rows])
+    attention = np.array([r["attention_border"] if k >= 6 else np.nan for k, r in enumerate(rows)])
     return {
         "root": root,
         "masks": masks,
         "gts": gts,
         "fg": fg,
         "quality": quality,
+        "attention_border": attention,
         "record": record,
         "ids": [r["image_id"] for r in rows],
     }
@@ -290,7 +294,8 @@ def expected_several(masks) -> int:
 def expected_thumbs(run, with_gt: bool) -> dict[str, int]:
     n = SETTINGS.thumbnails
     q, fg = run["quality"], run["fg"]
-    flagged = (fg < 0.005) | (fg > 0.9) | (np.nan_to_num(q, nan=1.0) < 0.4)
+    attention = np.nan_to_num(run["attention_border"], nan=0.0)
+    flagged = (fg < 0.005) | (fg > 0.9) | (np.nan_to_num(q, nan=1.0) < 0.4) | (attention >= 0.8)
     out = {
         "gallery-check": min(n, int(np.isfinite(q).sum())),
         "gallery-trust": min(n, int(np.isfinite(q).sum())),
@@ -381,10 +386,12 @@ def test_error_reasons_group_messages_that_differ_in_paths_and_numbers():
 def test_no_object_rules_sorting_and_spearman():
     fg = np.array([0.0, 0.3, 0.95, 0.4, 0.004])
     q = np.array([0.9, 0.1, 0.8, np.nan, 0.9])
-    flags = no_object_flags(fg, q, ReportSettings())
+    attention_border = np.array([0.4, 0.8, np.nan, 1.3, 0.79])
+    flags = no_object_flags(fg, q, attention_border, ReportSettings())
     assert flags["empty"].tolist() == [True, False, False, False, True]
     assert flags["background"].tolist() == [False, False, True, False, False]
     assert flags["low quality"].tolist() == [False, True, False, False, False]
+    assert flags["diffuse attention"].tolist() == [False, True, False, True, False]
     assert lowest_first(q, 3).tolist() == [1, 2, 0]  # NaN never chosen, ties stable
     assert lowest_first(q, 2, descending=True).tolist() == [0, 4]
     x, y = np.array([0.1, 0.5, 0.2, np.nan, 0.9]), np.array([0.3, 0.2, 0.1, 0.5, 0.8])
@@ -421,6 +428,9 @@ def test_report_without_ground_truth(run, tmp_path):
     assert "0.434 images/s over 25.321 s" in text  # its latest run's speed
     assert "KeyboardInterrupt (Ctrl-C)" in text  # and the history
     assert "Sinkhorn did not converge for 1 images" in text
+    # one image's attention lies on its border (the shard without the column never flags)
+    assert "attention_border &ge; 0.8, the CLS token" in text
+    assert "nothing in the image draws it (1 (8.3%); pseudolabel" in text
     assert dict(page.thumbs) == expected_thumbs(run, with_gt=False)
     assert {k: v for k, v in page.declared.items()} == expected_thumbs(run, with_gt=False)
     assert result["several_objects"] == expected_several(run["masks"]) >= 1

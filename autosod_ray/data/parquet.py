@@ -36,6 +36,8 @@ MASK_SCHEMA = pa.schema(
         ("quality", pa.float32()),
         ("ot_iterations", pa.int32()),
         ("ot_marginal_error", pa.float32()),
+        # of the image: the CLS attention on its border over its mean (~1: nothing draws it)
+        ("attention_border", pa.float32()),
         ("backbone", pa.string()),
         ("config_hash", pa.string()),
     ]
@@ -51,15 +53,19 @@ ERROR_SCHEMA = pa.schema(
     ]
 )
 TABLES = {"masks": MASK_SCHEMA, "errors": ERROR_SCHEMA}
+# each output column's type, so a column that a file predates reads as nulls of its own type
+COLUMN_TYPES = {f.name: f.type for schema in TABLES.values() for f in schema}
 
 # per-image scalars a labelling model reports, and the value of each it does not report
-# (predict's AutoSOD has no transport: NaN losses, 0 Sinkhorn iterations)
+# (predict's AutoSOD has no transport and no CLS attention: NaN losses and attention_border,
+# 0 Sinkhorn iterations)
 MODEL_COLUMNS = {
     "confidence": np.float32(np.nan),
     "consistency_loss": np.float32(np.nan),
     "quality": np.float32(np.nan),
     "ot_iterations": np.int32(0),
     "ot_marginal_error": np.float32(np.nan),
+    "attention_border": np.float32(np.nan),
 }
 
 
@@ -173,7 +179,7 @@ def read_columns(fs, path: str, columns: list[str]) -> pa.Table:
         t = f.read(columns=have)
     for c in columns:
         if c not in have:
-            t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+            t = t.append_column(c, pa.nulls(t.num_rows, COLUMN_TYPES.get(c, pa.string())))
     return t.select(columns)
 
 

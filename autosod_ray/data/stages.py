@@ -10,7 +10,7 @@ Columns along the way:
             error_kind
     decode  - data, + image (S x S x 3 uint8), height, width
     model   - image, + saliency (h x w float32, any grid), confidence, consistency_loss, quality,
-              ot_iterations, ot_marginal_error
+              ot_iterations, ot_marginal_error, attention_border
     encode  - saliency, + mask_png, saliency_png, fg_fraction, backbone, config_hash
 """
 

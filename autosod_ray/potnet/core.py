@@ -63,6 +63,7 @@ class POTNetOutput:
             "quality": self.quality,
             "ot_iterations": self.ot_iterations,
             "ot_marginal_error": self.ot_marginal_error,
+            "attention_border": self.quality_signals["attention_border"],
         }
 
 

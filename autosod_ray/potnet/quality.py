@@ -48,6 +48,16 @@ def border_contact(mask: np.ndarray) -> float:
     return float(mask.ravel()[border_patches(*mask.shape)].mean())
 
 
+def attention_on_border(attention: np.ndarray) -> float:
+    """h x w CLS attention -> its mean on the grid's outer ring over its mean on the whole
+    grid: about 0.4 on photos of an object (ECSSD's median), about 1 when the attention is
+    spread evenly, with nothing in the image to attend to (a texture, an empty scene)."""
+    mean = float(attention.mean())
+    if mean <= 0:
+        return 1.0  # no attention anywhere: nothing draws it
+    return float(attention.ravel()[border_patches(*attention.shape)].mean() / mean)
+
+
 def feature_separability(tokens: np.ndarray, mask: np.ndarray) -> float:
     """h x w x D encoder tokens + h x w boolean mask on their grid -> the share of the
     L2-normalised tokens' variance that lies between the mask and the rest (1 - within /
@@ -84,7 +94,11 @@ def quality_signals(
     - size_vs_attention: log2 of the mask's area over the area the CLS attention
       marks (its own Otsu mask), clipped to [-3, 3]: 0 when the two agree on size;
     - feature_separability: the share of the normalised features' variance between the
-      mask and the rest (`feature_separability`).
+      mask and the rest (`feature_separability`);
+    - attention_border: of the image, not the mask: the CLS attention on the border over
+      its mean (`attention_on_border`); near 1 when no object draws it (not in the score:
+      ECSSD, where every image holds an object, gives it no weight; the report's
+      no-object rule reads it).
     """
     rows = []
     for s, c, a, f in zip(saliency, seed_cam, cls_attention, features, strict=True):
@@ -100,6 +114,7 @@ def quality_signals(
                 float(mask.mean()),
                 float(np.clip(np.log2(max(mask.sum(), 1) / attended), -3, 3)),
                 feature_separability(f, mask),
+                attention_on_border(a),
             )
         )
     names = (
@@ -111,6 +126,7 @@ def quality_signals(
         "fg_fraction",
         "size_vs_attention",
         "feature_separability",
+        "attention_border",
     )
     table = np.asarray(rows, np.float32).reshape(-1, len(names))
     return {name: table[:, i] for i, name in enumerate(names)}
