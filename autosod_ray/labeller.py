@@ -72,7 +72,7 @@ class PseudoLabeller:
                 out.confidence,
                 out.consistency_loss,
                 out.quality,
-                out.quality_signals["attention_border"],
+                out.columns()["attention_border"],
                 strict=True,
             )
         ]

@@ -887,7 +887,7 @@ def _rules_html(f: dict) -> str:
         f"{s.low_quality:g} ({pct(flags['low quality'], rows)}); <i>diffuse attention</i>, "
         f"attention_border &ge; {s.diffuse_attention:g}, the CLS token's attention on the "
         "image's border over its mean: nothing in the image draws it "
-        f"({pct(flags['diffuse attention'], rows)}; pseudolabel's masks only). "
+        f"({pct(flags['diffuse attention'], rows)}, pseudolabel's masks only). "
         f"Together: <span id='no-object-count'>{pct(f['flagged'], rows)}</span> of all masks.</li>"
         f"<li><b>Several objects</b>: two or more 8-connected pieces each covering at least "
         f"{100 * s.min_object_fraction:g}% of the image (scipy.ndimage.label), counted on "

@@ -12,7 +12,11 @@ rules (empty, background, low quality), by the image's rule (diffuse attention) 
 either, with the mean IoU of the flagged photos (a crop's IoU is 0 by construction). A
 crop's fold is its source image's (benchmarks/no_object.py names a crop by its image's
 stem). `--sweep` adds the shares flagged by other `diffuse_attention` thresholds (the
-choice, made on folds 0-1 and the crops of fold 0's images).
+choice, made on the photos of folds 0-1), `--list` the photos only the image's rule flags.
+
+The mask's rules read the rows as benchmarks/quality.py measures them: `fg_fraction` of the
+mask on the patch grid, before any refinement to the image's size; the report reads the
+written mask's, so its shares differ a little for the empty and background rules.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fit_quality import source_folds  # noqa: E402
 from folds import fold_of  # noqa: E402
 
 from autosod_ray.report import ReportSettings, no_object_flags  # noqa: E402
@@ -68,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--sweep", default="", help="comma-separated diffuse_attention thresholds")
+    p.add_argument("--list", action="store_true", help="the photos only the image's rule flags")
     args = p.parse_args(argv)
     settings = dataclasses.replace(
         ReportSettings(), **{k: float(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -78,9 +84,7 @@ def main(argv=None) -> int:
     for spec in args.crops:
         name, path = spec.split("=", 1)
         crops = pd.read_parquet(path)
-        # a crop's fold is its source image's, among the photos' stems
-        rank = {s: f for s, f in zip(photos["stem"], photos["fold"], strict=True)}
-        crops["fold"] = crops["stem"].map(rank)
+        crops["fold"] = source_folds(crops["stem"], photos)
         sets[name] = crops
     print(f"rules: {settings}")
     for name, part in (("folds 0-1", photos["fold"] < 2), ("folds 2-4", photos["fold"] >= 2)):
@@ -98,6 +102,14 @@ def main(argv=None) -> int:
             if name != "photos"
         }
         print(f"diffuse_attention {t:g}: {IMAGE_RULE} flags {shares}")
+    if args.list:
+        f = flags(photos, settings)
+        alone = f[IMAGE_RULE] & ~np.logical_or.reduce([v for k, v in f.items() if k != IMAGE_RULE])
+        print(f"photos only {IMAGE_RULE} flags (stem, fold, attention_border, quality, IoU):")
+        for r in photos[alone].itertuples():
+            print(
+                f"  {r.stem} {r.fold} {r.signal_attention_border:.2f} {r.quality:.2f} {r.IoU:.2f}"
+            )
     return 0
 
 

@@ -138,3 +138,12 @@ def test_every_refinement_the_config_offers_exists_and_has_a_quality_fit():
 
     offered = set(typing.get_args(RefineSection.model_fields["method"].annotation))
     assert offered == set(REFINEMENTS) == set(PREDICTION_QUALITY)
+
+
+def test_the_report_rules_have_one_default():
+    """The report's thresholds live in three places (the pure settings, the job's config,
+    configs/report.yaml): they must agree."""
+    from autosod_ray.report import ReportSettings
+
+    shipped = load_config(ReportConfig, REPO / "configs" / "report.yaml")
+    assert ReportSettings.of(shipped) == ReportSettings() == ReportSettings.of(ReportConfig())
