@@ -205,6 +205,17 @@ class BackboneOutput:
     grid: tuple[int, int]
 
 
+def cls_attention_of(attn: torch.nn.Module, y: torch.Tensor, prefix: int) -> torch.Tensor:
+    """A timm ViT block's attention module and its normed input y (B x T x C, `prefix`
+    CLS / register tokens first) -> the CLS token's attention over the patch tokens, mean
+    over heads (B x N float32)."""
+    b, t, _ = y.shape
+    qkv = attn.qkv(y).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    cls = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # B x heads x 1 x T
+    return cls.float().softmax(-1)[:, :, 0, prefix:].mean(1)
+
+
 class ViTFeatures(torch.nn.Module):
     """timm ViT -> last-block keys (bias removed), tokens and CLS attention, batched."""
 
@@ -261,17 +272,13 @@ class ViTFeatures(torch.nn.Module):
                 x = blk(x)
             last, prefix = m.blocks[-1], m.num_prefix_tokens
             y = last.norm1(x)
-            attn = last.attn
-            b, t, c = y.shape
-            qkv = attn.qkv(y).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-            q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-            cls = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # B x heads x 1 x T
-            cls_attention = cls.float().softmax(-1)[:, :, 0, prefix:].mean(1)
+            cls_attention = cls_attention_of(last.attn, y, prefix)
             keys = tokens = None
             if "keys" in features:
                 # the key bias adds the same term to every logit of a query, so attention
                 # ignores it, but it dominates cosine similarity between keys: drop it
-                w_k = attn.qkv.weight[c : 2 * c]
+                c = y.shape[-1]
+                w_k = last.attn.qkv.weight[c : 2 * c]
                 keys = F.normalize(F.linear(y[:, prefix:], w_k).float(), dim=-1)
             if "tokens" in features:
                 tokens = F.normalize(m.norm(last(x))[:, prefix:].float(), dim=-1)

@@ -403,8 +403,7 @@ class ReportConfig(Section):
         0.8,
         gt=0.0,
         description="No object: the image's CLS attention on its border over its mean at or "
-        'above this (README "No salient object": chosen for DINOv2 ViT-S/14 at 448 px; '
-        "pseudolabel's masks only).",
+        'above this (README "No salient object": chosen for DINOv2 ViT-S/14 at 448 px).',
     )
     min_object_fraction: float = Field(
         0.005, gt=0.0, le=1.0, description="Several objects: pieces of at least this share."

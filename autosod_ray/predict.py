@@ -3,7 +3,8 @@
 The same pipeline as pseudolabel (list, read, decode, model actors, encode,
 Parquet with masks/ errors/ run.json, resume), with the trained network in the
 actor stage. `confidence` is the chosen query's objectness; `quality` is the
-model's own estimate of the mask's IoU (model/quality.py); `consistency_loss` is
+model's own estimate of the mask's IoU (model/quality.py); `attention_border` is
+read from its encoder's last block as POTNet's backbone reads it; `consistency_loss` is
 NaN (a POTNet quantity). `refine` (default: the guided filter, edge_refine.py)
 moves each mask's edges onto the image's before the mask is cut at its size.
 """
@@ -18,6 +19,7 @@ from .data.uris import InputError, absolute
 from .edge_refine import refiner
 from .model.inference import AutoSODPredictor, load_model, threshold_at_size
 from .model.quality import prediction_quality, quality_settings
+from .potnet.quality import attention_border
 from .pseudolabel import Labelling, run_labelling
 
 
@@ -47,7 +49,11 @@ class _Predictor:
                 threshold=predictor.threshold,
                 refine=cfg.refine.method,
             )
-            return refined, {"confidence": out.objectness, "quality": quality}
+            return refined, {
+                "confidence": out.objectness,
+                "quality": quality,
+                "attention_border": attention_border(out.cls_attention),
+            }
 
         return label
 

@@ -186,8 +186,8 @@ def no_object_flags(
 ) -> dict[str, np.ndarray]:
     """Per rule, which masks (N,) probably show no object: empty or near-empty, most of the
     image (the background taken), low quality, or an image whose CLS attention lies on its
-    border as much as anywhere (nothing draws it). NaN (predict's masks have no attention,
-    older outputs no column) never flags."""
+    border as much as anywhere (nothing draws it). NaN (an output older than the column)
+    never flags."""
     with np.errstate(invalid="ignore"):
         return {
             "empty": fg_fraction < s.empty_fg_fraction,
@@ -887,7 +887,7 @@ def _rules_html(f: dict) -> str:
         f"{s.low_quality:g} ({pct(flags['low quality'], rows)}); <i>diffuse attention</i>, "
         f"attention_border &ge; {s.diffuse_attention:g}, the CLS token's attention on the "
         "image's border over its mean: nothing in the image draws it "
-        f"({pct(flags['diffuse attention'], rows)}, pseudolabel's masks only). "
+        f"({pct(flags['diffuse attention'], rows)}). "
         f"Together: <span id='no-object-count'>{pct(f['flagged'], rows)}</span> of all masks.</li>"
         f"<li><b>Several objects</b>: two or more 8-connected pieces each covering at least "
         f"{100 * s.min_object_fraction:g}% of the image (scipy.ndimage.label), counted on "

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import uniform_filter
 
+from autosod_ray.backbone import ViTFeatures
 from autosod_ray.config import BackboneConfig, ModelConfig, OptimConfig
 from autosod_ray.data.augment import augment_pair, color_jitter, random_resized_crop_box
 from autosod_ray.model import autosod_loss, build_autosod, dice_loss, ranking_loss
@@ -120,7 +121,7 @@ def test_saved_model_predicts_the_same(tmp_path):
     save_model(str(tmp_path / "model"), net.state_dict(), meta, {})
     predictor = AutoSODPredictor(str(tmp_path / "model"), {}, device="cpu")
     images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
-    prob, obj, grid, agreement = predictor(images)
+    prob, obj, grid, agreement, attention = predictor(images)
     want, want_obj = net.predict(torch.as_tensor(images))
     assert np.allclose(prob, want.numpy(), atol=1e-6) and np.allclose(obj, want_obj.numpy())
     # the tokens come back on their grid, as the encoder made them (for `quality`)
@@ -135,6 +136,11 @@ def test_saved_model_predicts_the_same(tmp_path):
     # and the nudges' agreement is `noise_agreement` of this decoder on these tokens
     nudged = noise_agreement(lambda t: net.predict(tokens=t)[0], tokens, want, 0.5)
     assert np.allclose(agreement, nudged.numpy(), atol=1e-6) and agreement.shape == (3,)
+    # the CLS attention is what POTNet's backbone reads from the same encoder
+    backbone = BackboneConfig(name="vit_tiny_patch16_224", image_size=32, device="cpu")
+    reference = ViTFeatures(backbone, model=net.encoder)(images, ()).cls_attention
+    assert attention.shape == (3, 2, 2) and not np.allclose(attention, 0.25)  # not uniform
+    np.testing.assert_allclose(attention.reshape(3, 4), reference.numpy(), atol=1e-6)
 
 
 def test_predict_hashes_the_quality_fit_it_scores_with(tmp_path, monkeypatch):

@@ -431,7 +431,7 @@ def test_report_without_ground_truth(run, tmp_path):
     assert "Sinkhorn did not converge for 1 images" in text
     # one image's attention lies on its border (the shard without the column never flags)
     assert "attention_border &ge; 0.8, the CLS token" in text
-    assert "nothing in the image draws it (1 (8.3%), pseudolabel" in text
+    assert "nothing in the image draws it (1 (8.3%))" in text
     assert dict(page.thumbs) == expected_thumbs(run, with_gt=False)
     assert {k: v for k, v in page.declared.items()} == expected_thumbs(run, with_gt=False)
     assert result["several_objects"] == expected_several(run["masks"]) >= 1

@@ -108,6 +108,7 @@ def check_predictions(masks: pd.DataFrame, photos: Path) -> None:
         # barely trained model may find nothing)
         assert 0 <= row.quality < 1 and (row.quality == 0) == (not mask.any())
     assert masks.backbone.str.startswith("autosod:").all()
+    assert masks.attention_border.between(0.01, 10).all()  # from its own encoder, never NaN
 
 
 def test_train_two_workers_survive_a_killed_rank_validate_resume_then_predict(

@@ -57,8 +57,7 @@ TABLES = {"masks": MASK_SCHEMA, "errors": ERROR_SCHEMA}
 COLUMN_TYPES = {f.name: f.type for schema in TABLES.values() for f in schema}
 
 # per-image scalars a labelling model reports, and the value of each it does not report
-# (predict's AutoSOD has no transport and no CLS attention: NaN losses and attention_border,
-# 0 Sinkhorn iterations)
+# (predict's AutoSOD has no transport: NaN losses, 0 Sinkhorn iterations)
 MODEL_COLUMNS = {
     "confidence": np.float32(np.nan),
     "consistency_loss": np.float32(np.nan),

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import _timm_vit, load_weights, snap_to_patch
+from ..backbone import _timm_vit, cls_attention_of, load_weights, snap_to_patch
 from ..config import BackboneConfig, ModelConfig
 
 
@@ -112,6 +112,19 @@ class AutoSOD(nn.Module):
         """B x H x W x 3 uint8 -> B x N x D encoder patch tokens (prefix tokens dropped)."""
         tokens = self.encoder.forward_features(self.normalise(images))
         return tokens[:, self.encoder.num_prefix_tokens :]
+
+    def encode_with_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode`, and the last block's CLS-to-patch attention (B x N, mean over heads) from
+        the same pass: what POTNet's backbone reads it from (backbone.py), for the report's
+        no-object rule."""
+        last, seen = self.encoder.blocks[-1], {}
+        hook = last.register_forward_pre_hook(lambda _, args: seen.update(x=args[0]))
+        try:
+            tokens = self.encode(images)
+        finally:
+            hook.remove()
+        prefix = self.encoder.num_prefix_tokens
+        return tokens, cls_attention_of(last.attn, last.norm1(seen["x"]), prefix)
 
     @property
     def grid(self) -> tuple[int, int]:

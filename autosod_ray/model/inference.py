@@ -84,6 +84,7 @@ class Prediction(NamedTuple):
     objectness: np.ndarray  # B, that query's
     tokens: np.ndarray  # B x h x w x D float32 encoder tokens on their grid
     noise_agreement: np.ndarray  # B (model/quality.py)
+    cls_attention: np.ndarray  # B x h x w float32: the encoder's last-block CLS attention
 
 
 class AutoSODPredictor:
@@ -118,7 +119,8 @@ class AutoSODPredictor:
     def __call__(self, images: np.ndarray) -> Prediction:
         """B x S x S x 3 uint8 (S: the model's image_size) -> the mask probability, its
         objectness, and what predict's `quality` reads the mask against: the encoder
-        tokens and the masks' agreement with the decoder's on nudged tokens."""
+        tokens and the masks' agreement with the decoder's on nudged tokens; and the CLS
+        attention the report's no-object rule reads (`attention_border`)."""
         x = to_uint8_batch(images).to(self.device)
         if tuple(x.shape[1:3]) != (self.image_size, self.image_size):
             raise ValueError(
@@ -131,7 +133,7 @@ class AutoSODPredictor:
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), ctx:
-            tokens = self.model.encode(x)
+            tokens, attention = self.model.encode_with_attention(x)
             prob, obj = self.model.predict(tokens=tokens)
             agreement = (
                 noise_agreement(
@@ -150,4 +152,5 @@ class AutoSODPredictor:
             obj.float().cpu().numpy(),
             grid.cpu().numpy(),
             agreement.float().cpu().numpy(),
+            attention.reshape(len(x), *self.model.grid).cpu().numpy(),
         )

@@ -58,6 +58,11 @@ def attention_on_border(attention: np.ndarray) -> float:
     return float(attention.ravel()[border_patches(*attention.shape)].mean() / mean)
 
 
+def attention_border(attention: np.ndarray) -> np.ndarray:
+    """B x h x w CLS attention -> B `attention_on_border` (float32)."""
+    return np.array([attention_on_border(a) for a in attention], np.float32)
+
+
 def feature_separability(tokens: np.ndarray, mask: np.ndarray) -> float:
     """h x w x D encoder tokens + h x w boolean mask on their grid -> the share of the
     L2-normalised tokens' variance that lies between the mask and the rest (1 - within /
