@@ -39,19 +39,21 @@ from autosod_ray.report import ReportSettings, no_object_flags  # noqa: E402
 IMAGE_RULE = "diffuse attention"
 
 
-def flags(rows: pd.DataFrame, settings: ReportSettings) -> dict[str, np.ndarray]:
-    return no_object_flags(
+def flags(rows: pd.DataFrame, settings: ReportSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(flagged by any of the mask's rules, flagged by the image's rule), each (N,)."""
+    f = no_object_flags(
         rows["signal_fg_fraction"].to_numpy(np.float64),
         rows["quality"].to_numpy(np.float64),
         rows["signal_attention_border"].to_numpy(np.float64),
         settings,
     )
+    image_rule = f.pop(IMAGE_RULE)
+    return np.logical_or.reduce(list(f.values())), image_rule
 
 
 def line(name: str, rows: pd.DataFrame, settings: ReportSettings, with_iou: bool) -> str:
-    f = flags(rows, settings)
-    mask_rules = np.logical_or.reduce([v for k, v in f.items() if k != IMAGE_RULE])
-    either = mask_rules | f[IMAGE_RULE]
+    mask_rules, image_rule = flags(rows, settings)
+    either = mask_rules | image_rule
     iou = rows["IoU"].to_numpy() if with_iou else None
 
     def share(sel):
@@ -60,7 +62,7 @@ def line(name: str, rows: pd.DataFrame, settings: ReportSettings, with_iou: bool
 
     return (
         f"{name}: {len(rows)} images; mask rules {share(mask_rules)}; "
-        f"{IMAGE_RULE} {share(f[IMAGE_RULE])}; either {share(either)}; "
+        f"{IMAGE_RULE} {share(image_rule)}; either {share(either)}; "
         f"median attention_border {rows['signal_attention_border'].median():.3f}, "
         f"median quality {rows['quality'].median():.3f}"
     )
@@ -97,14 +99,14 @@ def main(argv=None) -> int:
     for t in [float(v) for v in args.sweep.split(",") if v]:
         s = dataclasses.replace(settings, diffuse_attention=t)
         shares = {
-            name: f"{flags(rows, s)[IMAGE_RULE].mean():.3f}"
+            name: f"{flags(rows, s)[1].mean():.3f}"
             for name, rows in (("photos folds 0-1", photos[photos["fold"] < 2]), *sets.items())
             if name != "photos"
         }
         print(f"diffuse_attention {t:g}: {IMAGE_RULE} flags {shares}")
     if args.list:
-        f = flags(photos, settings)
-        alone = f[IMAGE_RULE] & ~np.logical_or.reduce([v for k, v in f.items() if k != IMAGE_RULE])
+        mask_rules, image_rule = flags(photos, settings)
+        alone = image_rule & ~mask_rules
         print(f"photos only {IMAGE_RULE} flags (stem, fold, attention_border, quality, IoU):")
         for r in photos[alone].itertuples():
             print(
